@@ -1,0 +1,85 @@
+"""The network against the paper's formulas (Section 2.1, Figure 1, equation 1) and flax's SAME padding."""
+
+import pytest
+import torch
+
+from tests.scripts import load_script
+
+gap = load_script("rainbow_impala_gap")
+
+
+@pytest.mark.parametrize("scale", [1, 2, 4, 8])
+@pytest.mark.parametrize("pooling", ["flatten", "gap", "max"])
+def test_bottleneck_parameter_counts(scale, pooling):
+    net = gap.QNetwork(18, gap.Args(scale=scale, pooling=pooling))
+    h, w, c = 11, 11, 32  # Impala output for 84x84 frames
+    assert net.feature_shape == (c, h, w)
+    inputs = h * w * c if pooling == "flatten" else c
+    assert net.bottleneck.weight.numel() == inputs * 512 * scale
+    assert net.head.weight.shape == (18 * 51, 512 * scale)
+
+
+def test_nature_encoder_uses_same_padding():
+    net = gap.QNetwork(6, gap.Args(encoder="nature", pooling="flatten"))
+    assert net.feature_shape == (64, 11, 11)  # ceil(84/4)=21 -> ceil(21/2)=11 -> 11
+    assert net.bottleneck.weight.numel() == 11 * 11 * 64 * 512
+
+
+def test_depth_and_encoder_scale():
+    net = gap.QNetwork(4, gap.Args(extra_dense_layers=2, scale=2, encoder_scale=2, layer_norm=True))
+    linears = [m for m in net.psi if isinstance(m, torch.nn.Linear)]
+    assert [tuple(m.weight.shape) for m in linears] == [(1024, 64), (1024, 1024), (1024, 1024)]
+    assert sum(isinstance(m, torch.nn.LayerNorm) for m in net.psi) == 3
+    assert net.feature_shape == (64, 11, 11)
+
+
+def test_gap_is_equation_1_and_max_is_global_max():
+    torch.manual_seed(0)
+    maps = torch.randn(3, 5, 7, 6)  # (batch, C, H, W)
+    expected_mean = torch.zeros(3, 5)
+    expected_max = torch.full((3, 5), -float("inf"))
+    for b in range(3):
+        for c in range(5):
+            total = 0.0
+            for i in range(7):
+                for j in range(6):
+                    total += maps[b, c, i, j].item()
+                    expected_max[b, c] = max(expected_max[b, c].item(), maps[b, c, i, j].item())
+            expected_mean[b, c] = total / (7 * 6)
+    torch.testing.assert_close(gap.Bottleneck("gap")(maps), expected_mean)
+    torch.testing.assert_close(gap.Bottleneck("max")(maps), expected_max)
+    assert gap.Bottleneck("flatten")(maps).shape == (3, 5 * 7 * 6)
+
+
+@pytest.mark.parametrize("size,kernel,stride", [(84, 3, 2), (42, 3, 2), (21, 3, 2), (84, 8, 4), (21, 4, 2), (11, 3, 1)])
+def test_pad_same_matches_tensorflow_rule(size, kernel, stride):
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    x = torch.ones(1, 1, size, size)
+    padded = gap.pad_same(x, kernel, stride)
+    assert padded.shape[-1] == size + total
+    assert padded[0, 0, total // 2, total // 2] == 1  # the smaller half of the padding comes first
+    assert torch.nn.functional.max_pool2d(padded, kernel, stride).shape[-1] == out
+
+
+def test_dueling_and_noisy_heads_shapes():
+    net = gap.QNetwork(5, gap.Args(dueling=True, noisy=True, scale=1))
+    x = torch.randint(0, 255, (2, 4, 84, 84), dtype=torch.uint8)
+    assert net(x).shape == (2, 5, 51)
+    net.eval()
+    torch.testing.assert_close(net(x), net(x))  # no noise in evaluation
+    net.train()
+    assert not torch.equal(net(x), net(x))  # fresh noise on every training forward
+
+
+def test_dormant_fraction_counts_dead_units():
+    net = gap.QNetwork(3, gap.Args(scale=1))
+    with torch.no_grad():
+        net.bottleneck.weight.abs_()
+        net.bottleneck.bias.fill_(0.1)  # every psi unit fires on every input...
+        net.bottleneck.weight[:100] = 0.0
+        net.bottleneck.bias[:100] = -1.0  # ...except 100 of the 512, which never can
+    x = torch.randint(0, 255, (16, 4, 84, 84), dtype=torch.uint8)
+    fractions = gap.dormant_fractions(net, x, tau=0.001)
+    assert fractions["psi"] == 100 / 512
+    assert 0.0 <= fractions["phi"] < 0.5

@@ -38,6 +38,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional
 
@@ -161,32 +162,25 @@ def fail(message: str):
 
 
 def validate_args(args: Args):
-    positive = ["num_envs", "frame_size", "frame_stack", "frame_skip", "max_episode_frames", "scale",
-                "total_timesteps", "iteration_steps", "buffer_size", "n_step", "num_atoms", "batch_size",
-                "train_frequency", "target_network_frequency", "diagnostics_every", "diagnostics_batch_size",
-                "log_every"]
-    for name in positive:
-        if getattr(args, name) <= 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ["encoder_scale", "learning_rate", "adam_eps", "v_max"]:
+    for name in ["num_envs", "frame_size", "frame_stack", "frame_skip", "max_episode_frames", "scale", "v_max",
+                 "encoder_scale", "total_timesteps", "iteration_steps", "buffer_size", "n_step", "batch_size",
+                 "train_frequency", "target_network_frequency", "learning_rate", "adam_eps", "diagnostics_every",
+                 "diagnostics_batch_size", "log_every"]:
         if not getattr(args, name) > 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.extra_dense_layers < 0 or args.learning_starts < 0 or args.eval_episodes < 0:
-        fail("--extra-dense-layers, --learning-starts and --eval-episodes must not be negative")
-    if args.num_atoms < 2:
-        fail(f"--num-atoms must be at least 2, got {args.num_atoms}")
-    if not 0.0 <= args.gamma <= 1.0 or not 0.0 <= args.sticky_action_prob <= 1.0:
-        fail("--gamma and --sticky-action-prob must lie in [0, 1]")
+    for name in ["extra_dense_layers", "learning_starts", "eval_episodes", "weight_decay"]:
+        if getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
+    if args.num_atoms < 2 or not 0.0 <= args.gamma <= 1.0 or not 0.0 <= args.sticky_action_prob <= 1.0:
+        fail("--num-atoms must be at least 2, --gamma and --sticky-action-prob within [0, 1]")
     if args.buffer_size // args.num_envs <= args.n_step + args.frame_stack:
         fail(f"--buffer-size {args.buffer_size} is too small for {args.num_envs} envs, n-step {args.n_step} "
              f"and a stack of {args.frame_stack}")
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Environments: reset() -> frames (num_envs, size, size) uint8; step(actions) -> frames, rewards, terminated,
 # truncated. An env that ends is reset at once and returns its new episode's first frame (the final frame is
 # never needed: a terminal does not bootstrap and a truncated window is never sampled).
-# ----------------------------------------------------------------------------------------------------------------
 def to_gray_frame(obs: np.ndarray, size: int) -> np.ndarray:
     """An HxW or HxWxC uint8 image as a size x size grayscale uint8 frame (area interpolation)."""
     if obs.ndim == 3:
@@ -289,7 +283,9 @@ def make_env(args: Args, num_envs: Optional[int] = None, seed: Optional[int] = N
         env_id = env_id.removeprefix("ALE/")
         if env_id not in envpool.list_all_envs():
             fail(f"unknown env id '{args.env_id}' for envpool (Atari ids look like Pong-v5)")
-        obs_space = envpool.make_spec(env_id).observation_space
+        with warnings.catch_warnings():  # gymnasium warns about non-Atari specs' float64 bounds
+            warnings.simplefilter("ignore")
+            obs_space = envpool.make_spec(env_id).observation_space
         if len(obs_space.shape) != 3 or not env_id.endswith("-v5"):
             fail(f"'{args.env_id}' is not a pixel-based Atari env; this script needs image observations")
         return EnvpoolAtari(env_id, num_envs, seed, args)
@@ -316,9 +312,7 @@ def make_env(args: Args, num_envs: Optional[int] = None, seed: Optional[int] = N
     return GymnasiumPixels(env_id, num_envs, seed, args, is_ale=env_id.startswith("ALE/"))
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Network: phi (encoder) -> bottleneck pooling -> psi (dense layers)
-# ----------------------------------------------------------------------------------------------------------------
 def pad_same(x: torch.Tensor, kernel: int, stride: int, value: float = 0.0) -> torch.Tensor:
     """TensorFlow/flax 'SAME' padding (extra row/column at the bottom/right), as Dopamine's networks use."""
     pads = []
@@ -328,18 +322,10 @@ def pad_same(x: torch.Tensor, kernel: int, stride: int, value: float = 0.0) -> t
     return F.pad(x, pads, value=value)
 
 
-def variance_scaling_(weight: torch.Tensor, scale: float, mode: str, distribution: str):
-    """flax's variance_scaling initialiser (xavier_uniform is scale 1, fan_avg, uniform)."""
-    receptive = weight[0, 0].numel() if weight.dim() > 2 else 1
-    fan_in, fan_out = weight.shape[1] * receptive, weight.shape[0] * receptive
-    variance = scale / (fan_in if mode == "fan_in" else (fan_in + fan_out) / 2)
-    with torch.no_grad():
-        if distribution == "uniform":
-            bound = (3.0 * variance) ** 0.5
-            weight.uniform_(-bound, bound)
-        else:  # truncated normal on [-2, 2] std, rescaled to the target variance as flax does
-            weight.copy_(nn.init.trunc_normal_(torch.empty_like(weight), 0.0, 1.0, -2.0, 2.0)
-                         * (variance ** 0.5) / 0.87962566103423978)
+def lecun_normal_(weight: torch.Tensor):
+    """flax's default kernel initialiser: truncated normal at 2 std, variance 1/fan_in."""
+    std = (weight[0].numel() ** -0.5) / 0.87962566103423978  # the truncation shrinks the std by this factor
+    nn.init.trunc_normal_(weight, 0.0, std, -2 * std, 2 * std)
 
 
 class ResidualBlock(nn.Module):
@@ -347,9 +333,8 @@ class ResidualBlock(nn.Module):
         super().__init__()
         self.relu0, self.conv0 = nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1)
         self.relu1, self.conv1 = nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1)
-        for conv in (self.conv0, self.conv1):  # flax's default (lecun_normal), as in Dopamine's Stack
-            variance_scaling_(conv.weight, 1.0, "fan_in", "truncated_normal")
-            nn.init.zeros_(conv.bias)
+        for conv in (self.conv0, self.conv1):  # flax's default, as in Dopamine's Stack
+            lecun_normal_(conv.weight), nn.init.zeros_(conv.bias)
 
     def forward(self, x):
         return x + self.conv1(self.relu1(self.conv0(self.relu0(x))))
@@ -359,8 +344,7 @@ class ImpalaStack(nn.Module):
     def __init__(self, in_channels: int, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, channels, 3, padding=1)
-        variance_scaling_(self.conv.weight, 1.0, "fan_avg", "uniform")
-        nn.init.zeros_(self.conv.bias)
+        nn.init.xavier_uniform_(self.conv.weight), nn.init.zeros_(self.conv.bias)
         self.blocks = nn.Sequential(ResidualBlock(channels), ResidualBlock(channels))
 
     def forward(self, x):
@@ -386,9 +370,9 @@ class NatureEncoder(nn.Module):
         self.specs = [(8, 4), (4, 2), (3, 1)]
         self.convs = nn.ModuleList([nn.Conv2d(in_channels, c1, 8, 4), nn.Conv2d(c1, c2, 4, 2), nn.Conv2d(c2, c2, 3, 1)])
         self.relus = nn.ModuleList([nn.ReLU() for _ in self.convs])
-        for conv in self.convs:  # Dopamine's RainbowNetwork initialiser
-            variance_scaling_(conv.weight, 1.0 / 3**0.5, "fan_in", "uniform")
-            nn.init.zeros_(conv.bias)
+        for conv in self.convs:  # Dopamine's RainbowNetwork: variance_scaling(1/sqrt(3), fan_in, uniform)
+            bound = (3**0.5 / conv.weight[0].numel()) ** 0.5
+            nn.init.uniform_(conv.weight, -bound, bound), nn.init.zeros_(conv.bias)
 
     def forward(self, x):
         for (kernel, stride), conv, relu in zip(self.specs, self.convs, self.relus):
@@ -436,8 +420,7 @@ def dense(in_features: int, out_features: int, noisy: bool) -> nn.Module:
     if noisy:
         return NoisyLinear(in_features, out_features)
     layer = nn.Linear(in_features, out_features)
-    variance_scaling_(layer.weight, 1.0, "fan_avg", "uniform")
-    nn.init.zeros_(layer.bias)
+    nn.init.xavier_uniform_(layer.weight), nn.init.zeros_(layer.bias)
     return layer
 
 
@@ -516,10 +499,8 @@ def dormant_fractions(net: QNetwork, obs: torch.Tensor, tau: float) -> dict:
     return result
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Replay on the device: each env owns a circular stream of `capacity` slots; slot t holds the frame seen at t,
 # the action taken, the clipped reward, and whether the episode ended (terminal or truncated) at t.
-# ----------------------------------------------------------------------------------------------------------------
 class DeviceReplay:
     block = 1024  # prioritized sampling searches block sums, then one block
 
@@ -626,9 +607,7 @@ def check_replay_fits(args: Args, device: torch.device):
              f"lower --buffer-size (each transition takes {needed / args.buffer_size:.0f} bytes)")
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Training
-# ----------------------------------------------------------------------------------------------------------------
 def select_actions(net: QNetwork, obs: torch.Tensor, epsilon: float) -> torch.Tensor:
     """Epsilon-greedy on the device; skips the network while actions are uniformly random."""
     random_actions = torch.randint(0, net.num_actions, (obs.shape[0],), device=obs.device)
@@ -775,15 +754,14 @@ def main(args: Args) -> dict:
         if global_step // args.target_network_frequency != previous_step // args.target_network_frequency:
             target_net.load_state_dict(net.state_dict())
 
-        if global_step // args.log_every != previous_step // args.log_every and stats_count:
-            writer.add_scalar("losses/td_loss", (loss_sum / stats_count).item(), global_step)
-            writer.add_scalar("losses/q_values", (q_sum / stats_count).item(), global_step)
-            loss_sum.zero_(), q_sum.zero_()
-            stats_count = 0
         if global_step // args.log_every != previous_step // args.log_every:
+            if stats_count:  # the only reads of device values in the loop
+                writer.add_scalar("losses/td_loss", (loss_sum / stats_count).item(), global_step)
+                writer.add_scalar("losses/q_values", (q_sum / stats_count).item(), global_step)
+                loss_sum.zero_(), q_sum.zero_()
+                stats_count = 0
             writer.add_scalar("charts/epsilon", epsilon, global_step)
-            sps = (global_step - sps_start_step) / max(time.time() - sps_start_time, 1e-9)
-            writer.add_scalar("charts/SPS", sps, global_step)
+            writer.add_scalar("charts/SPS", (global_step - sps_start_step) / (time.time() - sps_start_time), global_step)
 
         if global_step // args.diagnostics_every != previous_step // args.diagnostics_every and replay.adds > args.n_step + 1:
             if diagnostics_obs is None:  # fixed once, so the curves compare the network with itself

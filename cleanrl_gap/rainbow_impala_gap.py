@@ -230,19 +230,15 @@ class GymnasiumPixels:
     def __init__(self, env_id: str, num_envs: int, seed: int, args: Args, is_ale: bool):
         import gymnasium as gym
 
-        kwargs = {}
-        if is_ale:
-            kwargs = dict(frameskip=1, repeat_action_probability=args.sticky_action_prob, obs_type="grayscale",
-                          full_action_space=False, max_num_frames_per_episode=args.max_episode_frames)
+        kwargs = {} if not is_ale else dict(
+            frameskip=1, repeat_action_probability=args.sticky_action_prob, obs_type="grayscale",
+            full_action_space=False, max_num_frames_per_episode=args.max_episode_frames)
         self.envs = [gym.make(env_id, **kwargs) for _ in range(num_envs)]
         self.skip = self.frames_per_step = args.frame_skip if is_ale else 1
-        self.size = args.frame_size
-        self.seed = seed
-        self.num_actions = int(self.envs[0].action_space.n)
+        self.size, self.seed, self.num_actions = args.frame_size, seed, int(self.envs[0].action_space.n)
 
     def _reset_one(self, i: int, seed: Optional[int] = None) -> np.ndarray:
-        obs, _ = self.envs[i].reset(seed=seed)
-        return to_gray_frame(obs, self.size)
+        return to_gray_frame(self.envs[i].reset(seed=seed)[0], self.size)
 
     def reset(self) -> np.ndarray:
         return np.stack([self._reset_one(i, self.seed + i) for i in range(len(self.envs))])
@@ -668,17 +664,13 @@ def evaluate(net: QNetwork, args: Args, device: torch.device) -> list:
 
 
 def format_seconds(seconds: float) -> str:
-    seconds = int(seconds)
-    days, rest = divmod(seconds, 86400)
-    return (f"{days}d " if days else "") + time.strftime("%H:%M:%S", time.gmtime(rest))
+    return (f"{int(seconds) // 86400}d " if seconds >= 86400 else "") + time.strftime("%H:%M:%S", time.gmtime(seconds))
 
 
 def main(args: Args) -> dict:
     validate_args(args)
     start_time = time.time()
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 

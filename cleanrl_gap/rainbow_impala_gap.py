@@ -532,8 +532,8 @@ class DeviceReplay:
         self.episode_end[slot] = terminated | truncated
         self.priorities[slot] = 0.0
         # the next slots' frame history now begins with this step's (newer) frame
-        for k in range(1, self.stack):
-            self.priorities[self.env_offset + (self.cursor + k) % self.capacity] = 0.0
+        later = (self.cursor + torch.arange(1, self.stack, device=self.device)) % self.capacity
+        self.priorities[(self.env_offset.unsqueeze(1) + later).flatten()] = 0.0
         self.adds += 1
         self.cursor = (self.cursor + 1) % self.capacity
         if self.adds > self.n_step:  # the slot n steps back now has its whole n-step future

@@ -24,13 +24,10 @@ The replay lives on the training device and stores each frame once; stacks and n
 at sampling time. Frames before an episode's start are zeros (as Dopamine pads them), no n-step return crosses
 an episode end, and transitions whose n-step window meets a truncation (time limit) are never sampled.
 
-Deviations from Dopamine, all small:
-- envpool with `noop_max=1` (0 crashes it) may still take one no-op step at reset.
-- The gymnasium backend resizes with torch's area interpolation, not OpenCV's INTER_AREA.
-- Stratified prioritized sampling draws from a two-level (block) prefix sum instead of a sum tree; the
-  distribution is the same.
-- Transitions are never stored twice: Dopamine pads episode starts with zero frames inside the buffer,
-  here the zeros come from masking at sampling time.
+Deviations from Dopamine, all small: envpool with `noop_max=1` (0 crashes it) may still take one no-op step at
+reset; the gymnasium backend resizes with torch's area interpolation, not OpenCV's INTER_AREA; stratified sampling
+searches block sums instead of a sum tree (same distribution); episode starts are zero-padded by masking at
+sampling time instead of by zero transitions stored in the buffer.
 """
 
 import json
@@ -485,13 +482,9 @@ def dormant_fractions(net: QNetwork, obs: torch.Tensor, tau: float) -> dict:
         hook.remove()
     result = {}
     for part, outputs in activations.items():
-        dormant = total = 0
-        for out in outputs:
-            score = out.abs().mean(dim=(0, 2, 3)) if out.dim() == 4 else out.abs().mean(dim=0)
-            score = score / (score.mean() + 1e-9)
-            dormant += int((score <= tau).sum())
-            total += score.numel()
-        result[part] = dormant / max(total, 1)
+        scores = [o.abs().mean(dim=(0, 2, 3)) if o.dim() == 4 else o.abs().mean(dim=0) for o in outputs]
+        dormant = [(score / (score.mean() + 1e-9) <= tau) for score in scores]  # normalised per layer
+        result[part] = float(sum(d.sum() for d in dormant)) / max(sum(d.numel() for d in dormant), 1)
     return result
 
 
@@ -650,14 +643,12 @@ def evaluate(net: QNetwork, args: Args, device: torch.device) -> list:
     obs[:, -1] = torch.as_tensor(envs.reset(), device=device)
     returns, episode_return = [], 0.0
     while len(returns) < args.eval_episodes:
-        actions = select_actions(net, obs, args.eval_epsilon).cpu().numpy()
-        frames, rewards, terminated, truncated = envs.step(actions)
+        frames, rewards, terminated, truncated = envs.step(select_actions(net, obs, args.eval_epsilon).cpu().numpy())
         episode_return += float(rewards[0])
-        ended = bool(terminated[0] or truncated[0])
-        obs = advance_stack(obs, torch.as_tensor(frames, device=device), torch.tensor([ended], device=device))
-        if ended:
-            returns.append(episode_return)
-            episode_return = 0.0
+        ended = torch.as_tensor(terminated | truncated, device=device)
+        obs = advance_stack(obs, torch.as_tensor(frames, device=device), ended)
+        if terminated[0] or truncated[0]:
+            returns, episode_return = returns + [episode_return], 0.0
     envs.close()
     net.train()
     return returns

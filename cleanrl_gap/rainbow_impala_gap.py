@@ -11,23 +11,22 @@ The value network is Q(x, .) = psi(pool(phi(x))) (Section 2.1, Figure 1):
 With 84x84 frames the Impala output is 11x11x32, so the first layer of psi (the bottleneck) holds
 3872*512*scale weights when flattened and 32*512*scale with pooling.
 
-The agent follows Dopamine's JAX Rainbow (`rainbow.gin`): C51 with 51 atoms on [-10, 10], 3-step returns,
-gamma 0.99, prioritized replay (priority sqrt(cross-entropy), sampling proportional to priority, importance
-weights 1/sqrt(p) over their batch max, new transitions at the max priority seen), Adam(6.25e-5, eps 1.5e-4),
-batch 32, an update every 4 agent steps, target sync every 8000, 20000 steps before learning, epsilon 1 -> 0.01
-over 250000 steps after learning starts. `--dueling --noisy --double-dqn` give Dopamine's full_rainbow (noisy nets
-replace epsilon-greedy, as there). Environment as Dopamine: sticky actions 0.25, frame skip 4 with max over the
-last two frames, 84x84 grayscale, stack of 4, 108k-frame episodes, no life-loss terminals, no no-op starts,
-no fire on reset, rewards clipped to [-1, 1] for learning only.
+The agent is Dopamine's JAX Rainbow (`rainbow.gin`): C51 (51 atoms on [-10, 10]), 3-step returns, gamma 0.99,
+prioritized replay (priority sqrt(cross-entropy), importance weights 1/sqrt(p) over their batch max, new transitions at
+the max priority seen), Adam(6.25e-5, eps 1.5e-4), batch 32, an update every 4 steps, target sync every 8000, 20000
+steps before learning, epsilon 1 -> 0.01 over 250000 steps. `--dueling --noisy --double-dqn` give full_rainbow.
+Environment as Dopamine: sticky actions 0.25, frame skip 4 with max over the last two frames, 84x84 grayscale, stack
+of 4, 108k-frame episodes, no life-loss terminals, no no-op starts, rewards clipped to [-1, 1] for learning only.
 
-The replay lives on the training device and stores each frame once; stacks and n-step returns are assembled
-at sampling time. Frames before an episode's start are zeros (as Dopamine pads them), no n-step return crosses
-an episode end, and transitions whose n-step window meets a truncation (time limit) are never sampled.
+The replay lives on the training device and stores each frame once; stacks and n-step returns are assembled at
+sampling time, frames before an episode's start are zeros, and windows that meet a truncation are never sampled.
+The loop reads the device once per step (the actions); `--compile` and `--cudagraphs` speed up the update.
 
-Deviations from Dopamine, all small: envpool with `noop_max=1` (0 crashes it) may still take one no-op step at
-reset; the gymnasium backend resizes with torch's area interpolation, not OpenCV's INTER_AREA; stratified sampling
-searches block sums instead of a sum tree (same distribution); episode starts are zero-padded by masking at
-sampling time instead of by zero transitions stored in the buffer.
+Deviations from Dopamine, all small: envpool with `noop_max=1` (0 crashes it) may still take one no-op at reset;
+the gymnasium backend resizes with torch's area interpolation, not OpenCV's; stratified sampling searches block sums
+instead of a sum tree (same distribution); episode starts are zero-padded by masking, not by stored zero frames; a
+step's updates are queued before its env step (so the device trains while the host steps the envs) and so before
+its transition joins the replay, and acting uses weights one update older than Dopamine's.
 """
 
 import json
@@ -57,6 +56,10 @@ class Args:
     """sets `torch.backends.cudnn.deterministic`"""
     cuda: bool = True
     """use CUDA when available (`--no-cuda` forces the CPU)"""
+    compile: bool = False
+    """torch.compile the gradient update and the action selection"""
+    cudagraphs: bool = False
+    """capture the gradient update (optimizer step included) and the action selection in CUDA graphs"""
     output_dir: str = "runs"
     """where run folders go"""
     save_model: bool = False
@@ -523,9 +526,8 @@ class DeviceReplay:
         self.rewards[slot] = rewards
         self.terminal[slot] = terminated
         self.episode_end[slot] = terminated | truncated
-        self.priorities[slot] = 0.0
-        # the next slots' frame history now begins with this step's (newer) frame
-        later = (self.cursor + torch.arange(1, self.stack, device=self.device)) % self.capacity
+        # this slot and the next ones, whose frame history now begins with this step's (newer) frame, are unsampleable
+        later = (self.cursor + torch.arange(self.stack, device=self.device)) % self.capacity
         self.priorities[(self.env_offset.unsqueeze(1) + later).flatten()] = 0.0
         self.adds += 1
         self.cursor = (self.cursor + 1) % self.capacity
@@ -579,7 +581,7 @@ class DeviceReplay:
 
     def update_priorities(self, index: torch.Tensor, priorities: torch.Tensor):
         self.priorities[index] = priorities
-        self.max_priority = torch.maximum(self.max_priority, priorities.max())
+        torch.maximum(self.max_priority, priorities.max(), out=self.max_priority)  # in place: CUDA graphs keep addresses
 
 
 def check_replay_fits(args: Args, device: torch.device):
@@ -597,14 +599,12 @@ def check_replay_fits(args: Args, device: torch.device):
 
 
 # Training
-def select_actions(net: QNetwork, obs: torch.Tensor, epsilon: float) -> torch.Tensor:
-    """Epsilon-greedy on the device; skips the network while actions are uniformly random."""
-    random_actions = torch.randint(0, net.num_actions, (obs.shape[0],), device=obs.device)
-    if epsilon >= 1.0:
-        return random_actions
+def select_actions(net: QNetwork, obs: torch.Tensor, epsilon) -> torch.Tensor:
+    """Epsilon-greedy on the device (epsilon is a device scalar, so nothing waits for the host)."""
     with torch.no_grad():
         greedy = net.q_values(obs).argmax(1)
-    return torch.where(torch.rand(obs.shape[0], device=obs.device) < epsilon, random_actions, greedy)
+    random_actions = torch.randint(0, net.num_actions, greedy.shape, device=obs.device)
+    return torch.where(torch.rand(greedy.shape, device=obs.device) < epsilon, random_actions, greedy)
 
 
 def importance_weights(probs: torch.Tensor) -> torch.Tensor:
@@ -636,6 +636,65 @@ def c51_losses(net: QNetwork, target_net: QNetwork, batch: dict, double_dqn: boo
     return losses, q_taken
 
 
+def make_optimizer(net: QNetwork, args: Args) -> torch.optim.Optimizer:
+    """Adam (AdamW with weight_decay 0 is Adam); on CUDA the fused kernel, one launch instead of dozens."""
+    on_cuda = next(net.parameters()).is_cuda
+    return torch.optim.AdamW(net.parameters(), lr=args.learning_rate, eps=args.adam_eps, weight_decay=args.weight_decay,
+                             fused=on_cuda or None, capturable=args.cudagraphs)
+
+
+def make_update(net: QNetwork, target_net: QNetwork, optimizer, replay: DeviceReplay, args: Args, stats: torch.Tensor):
+    """One gradient update, all on the device: sample, weighted C51 loss, optimizer step, new priorities, and the
+    running sums of loss and Q-value into `stats`."""
+    def update():
+        batch = replay.sample(args.batch_size)
+        losses, q_taken = c51_losses(net, target_net, batch, args.double_dqn)
+        loss = (losses * importance_weights(batch["probs"])).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        replay.update_priorities(batch["index"], torch.sqrt(losses.detach() + 1e-10))
+        stats.add_(torch.stack([losses.detach().mean(), q_taken.mean()]))
+    return update
+
+
+class CudaGraphed:
+    """fn(*tensors) run eagerly on a side stream for its first calls (lazy state, compilation), then captured once in
+    a CUDA graph and replayed: inputs are copied into static buffers, the output is the graph's static tensor. Every
+    call is a real call (capturing runs nothing)."""
+
+    def __init__(self, fn, warmup_calls: int = 3):
+        self.fn, self.warmup_calls, self.graph = fn, warmup_calls, None
+
+    def __call__(self, *inputs):
+        if self.graph is None and self.warmup_calls > 0:
+            self.warmup_calls -= 1
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                output = self.fn(*inputs)
+            torch.cuda.current_stream().wait_stream(stream)
+            return output
+        if self.graph is None:
+            self.static_inputs, self.graph = [x.clone() for x in inputs], torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.static_output = self.fn(*self.static_inputs)
+        [static.copy_(x) for static, x in zip(self.static_inputs, inputs)]
+        self.graph.replay()
+        return self.static_output
+
+
+def accelerated(fn, args: Args):
+    fn = torch.compile(fn) if args.compile else fn
+    return CudaGraphed(fn) if args.cudagraphs else fn
+
+
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Host to device without waiting for the work queued on the device (pinned memory, asynchronous copy)."""
+    tensor = torch.from_numpy(array)
+    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
+
+
 def evaluate(net: QNetwork, args: Args, device: torch.device) -> list:
     envs = make_env(args, num_envs=1, seed=args.seed + 10_000)
     net.eval()
@@ -664,6 +723,8 @@ def main(args: Args) -> dict:
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if args.cudagraphs and device.type != "cuda":
+        fail("--cudagraphs needs a CUDA device (none is available, or --no-cuda was given)")
 
     envs = make_env(args)
     run_name = f"{args.env_id.replace('/', '_').replace(':', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -676,8 +737,7 @@ def main(args: Args) -> dict:
     net = QNetwork(envs.num_actions, args).to(device)
     target_net = QNetwork(envs.num_actions, args).to(device)
     target_net.load_state_dict(net.state_dict())
-    optimizer = torch.optim.AdamW(net.parameters(), lr=args.learning_rate, eps=args.adam_eps,
-                                  weight_decay=args.weight_decay)  # AdamW with weight_decay 0 is Adam
+    optimizer = make_optimizer(net, args)
     params_total = sum(p.numel() for p in net.parameters())
     params_bottleneck = net.bottleneck.weight.numel()
     h, w, c = net.feature_shape[1], net.feature_shape[2], net.feature_shape[0]
@@ -696,17 +756,30 @@ def main(args: Args) -> dict:
     episode_returns = np.zeros(args.num_envs)
     episode_lengths = np.zeros(args.num_envs, dtype=np.int64)
     iteration_returns, returns_by_iteration, last_return = [], [], None
-    loss_sum = torch.zeros((), device=device)
-    q_sum = torch.zeros((), device=device)
+    stats = torch.zeros(2, device=device)  # running sums of the loss and the Q-value of the taken actions
+    update = accelerated(make_update(net, target_net, optimizer, replay, args, stats), args)
+    act = accelerated(lambda obs, epsilon: select_actions(net, obs, epsilon), args)
+    epsilon_on_device = torch.ones((), device=device)
     stats_count, updates, global_step = 0, 0, 0
     diagnostics_obs, epsilon = None, 1.0
     sps_start_time, sps_start_step, last_progress = time.time(), 0, 0.0
 
     while global_step < args.total_timesteps:
         epsilon = 0.0 if args.noisy else linear_schedule(global_step, args.learning_starts, args.epsilon_decay_steps, args.end_e)
-        actions = select_actions(net, obs, epsilon)
-        frames, rewards, terminated, truncated = envs.step(actions.cpu().numpy())
+        if epsilon >= 1.0:
+            actions = torch.randint(0, envs.num_actions, (args.num_envs,), device=device)
+        else:
+            actions = act(obs, epsilon_on_device.fill_(epsilon))
+        host_actions = actions.cpu().numpy()  # the loop's one wait for the device
         previous_step, global_step = global_step, global_step + args.num_envs
+        # Updates are queued before the env step, so the device trains while the host steps the envs (this step's
+        # transition joins the replay after them; Dopamine stores it first).
+        due = global_step // args.train_frequency - previous_step // args.train_frequency
+        new_updates = due if global_step > args.learning_starts else 0
+        for _ in range(new_updates):
+            update()
+        stats_count, updates = stats_count + new_updates, updates + new_updates
+        frames, rewards, terminated, truncated = envs.step(host_actions)
 
         episode_returns += rewards
         episode_lengths += 1
@@ -717,31 +790,19 @@ def main(args: Args) -> dict:
             writer.add_scalar("charts/episodic_length", int(episode_lengths[i]), global_step)
             episode_returns[i], episode_lengths[i] = 0.0, 0
 
-        ended = torch.as_tensor(terminated | truncated, device=device)
-        replay.add(obs[:, -1], actions, torch.as_tensor(rewards, device=device).clamp(-1.0, 1.0),
-                   torch.as_tensor(terminated, device=device), torch.as_tensor(truncated, device=device))
-        obs = advance_stack(obs, torch.as_tensor(frames, device=device), ended)
+        replay.add(obs[:, -1], actions, to_device(rewards, device).clamp(-1.0, 1.0), to_device(terminated, device),
+                   to_device(truncated, device))
+        obs = advance_stack(obs, to_device(frames, device), to_device(terminated | truncated, device))
 
-        if global_step > args.learning_starts:
-            for _ in range(global_step // args.train_frequency - previous_step // args.train_frequency):
-                batch = replay.sample(args.batch_size)
-                losses, q_taken = c51_losses(net, target_net, batch, args.double_dqn)
-                loss = (losses * importance_weights(batch["probs"])).mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                replay.update_priorities(batch["index"], torch.sqrt(losses.detach() + 1e-10))
-                loss_sum += losses.detach().mean()
-                q_sum += q_taken.mean()
-                stats_count, updates = stats_count + 1, updates + 1
         if global_step // args.target_network_frequency != previous_step // args.target_network_frequency:
             target_net.load_state_dict(net.state_dict())
 
         if global_step // args.log_every != previous_step // args.log_every:
             if stats_count:  # the only reads of device values in the loop
-                writer.add_scalar("losses/td_loss", (loss_sum / stats_count).item(), global_step)
-                writer.add_scalar("losses/q_values", (q_sum / stats_count).item(), global_step)
-                loss_sum.zero_(), q_sum.zero_()
+                loss_mean, q_mean = (stats / stats_count).tolist()
+                writer.add_scalar("losses/td_loss", loss_mean, global_step)
+                writer.add_scalar("losses/q_values", q_mean, global_step)
+                stats.zero_()
                 stats_count = 0
             writer.add_scalar("charts/epsilon", epsilon, global_step)
             writer.add_scalar("charts/SPS", (global_step - sps_start_step) / (time.time() - sps_start_time), global_step)
@@ -763,8 +824,8 @@ def main(args: Args) -> dict:
                 writer.add_scalar("charts/iteration_mean_return", mean_return, global_step)
             iteration_returns = []
 
-        if previous_step < args.learning_starts <= global_step:
-            sps_start_time, sps_start_step = time.time(), global_step  # SPS counts from learning's start
+        if updates - new_updates < 10 <= updates:  # SPS counts from the 10th update: learning runs, compilation is done
+            sps_start_time, sps_start_step = time.time(), global_step
         if time.time() - last_progress > args.progress_seconds or global_step >= args.total_timesteps:
             last_progress = time.time()
             sps = (global_step - sps_start_step) / max(time.time() - sps_start_time, 1e-9)
@@ -778,6 +839,7 @@ def main(args: Args) -> dict:
         script=os.path.basename(__file__), args=asdict(args), env_id=args.env_id, seed=args.seed,
         env_steps=global_step, frames=global_step * envs.frames_per_step,
         updates=updates, wall_seconds=time.time() - start_time, device=str(device),
+        sps=(global_step - sps_start_step) / max(time.time() - sps_start_time, 1e-9),
         params_total=params_total, params_bottleneck=params_bottleneck, returns_by_iteration=returns_by_iteration,
         final_return=returns_by_iteration[-1]["mean_return"] if returns_by_iteration else None)
     if args.eval_episodes > 0:

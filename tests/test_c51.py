@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.scripts import load_script
+from benchmark.scripts import load_script
 
 gap = load_script("rainbow_impala_gap")
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.scripts import ROOT, SCRIPTS, load_script, script_path
+from benchmark.scripts import ROOT, SCRIPTS, load_script, script_path
 
 SHORT_RUN = ["--total-timesteps", "240", "--learning-starts", "120", "--buffer-size", "1000", "--iteration-steps",
              "100", "--log-every", "40", "--diagnostics-every", "100", "--progress-seconds", "0", "--no-cuda"]
@@ -84,6 +84,7 @@ BAD_INPUTS = [
     (["--scale", "0"], "--scale must be positive"),
     (["--buffer-size", "-5"], "--buffer-size must be positive"),
     (["--buffer-size", str(10**10)], "lower --buffer-size"),
+    (["--cudagraphs", "--no-cuda"], "--cudagraphs needs a CUDA device"),
 ]
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.scripts import SCRIPTS, load_script
+from benchmark.scripts import SCRIPTS, load_script
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from tests.scripts import load_script
+from benchmark.scripts import load_script
 
 gap = load_script("rainbow_impala_gap")
 STACK, N_STEP, GAMMA, NUM_ENVS = 4, 3, 0.9, 2
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # the replay lives on the training device
 
 
 def frame_of(step, env):
@@ -31,9 +32,9 @@ def random_stream(steps, seed):
 
 def fill(replay, stream, steps):
     for t in range(steps):
-        replay.add(torch.tensor(np.stack([frame_of(t, e) for e in range(NUM_ENVS)])),
-                   torch.tensor(stream["actions"][t]), torch.tensor(stream["rewards"][t]),
-                   torch.tensor(stream["terminated"][t]), torch.tensor(stream["truncated"][t]))
+        tensors = [np.stack([frame_of(t, e) for e in range(NUM_ENVS)]), stream["actions"][t], stream["rewards"][t],
+                   stream["terminated"][t], stream["truncated"][t]]
+        replay.add(*[torch.tensor(x, device=replay.device) for x in tensors])
 
 
 def expected_stack(stream, t, env):
@@ -74,18 +75,19 @@ def decode(index, adds, capacity):
     return newest, env
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("steps", [6, 11, 25, 40])
-def test_samples_match_brute_force(steps):
+def test_samples_match_brute_force(steps, device):
     capacity = 12
     stream = random_stream(steps + 1, seed=steps)
-    replay = gap.DeviceReplay(capacity * NUM_ENVS, NUM_ENVS, 2, STACK, N_STEP, GAMMA, torch.device("cpu"))
+    replay = gap.DeviceReplay(capacity * NUM_ENVS, NUM_ENVS, 2, STACK, N_STEP, GAMMA, torch.device(device))
     fill(replay, stream, steps)
     valid = {(t, e) for e in range(NUM_ENVS) for t in range(steps) if sampleable(stream, t, e, steps, capacity)}
     assert valid, "the stream should leave something to sample"
     torch.manual_seed(0)
     seen = set()
     for _ in range(60):
-        batch = replay.sample(32)
+        batch = {key: value.cpu() for key, value in replay.sample(32).items()}
         for i, index in enumerate(batch["index"].tolist()):
             t, env = decode(index, steps, capacity)
             assert (t, env) in valid, f"sampled step {t} of env {env}, which must not be sampled"
@@ -100,30 +102,32 @@ def test_samples_match_brute_force(steps):
     assert seen == valid  # with equal priorities every sampleable step turns up
 
 
-def test_prioritized_sampling_frequencies_and_probabilities():
+@pytest.mark.parametrize("device", DEVICES)
+def test_prioritized_sampling_frequencies_and_probabilities(device):
     capacity, steps = 300, 700
     stream = random_stream(steps, seed=1)
-    replay = gap.DeviceReplay(capacity * NUM_ENVS, NUM_ENVS, 2, STACK, N_STEP, GAMMA, torch.device("cpu"))
+    replay = gap.DeviceReplay(capacity * NUM_ENVS, NUM_ENVS, 2, STACK, N_STEP, GAMMA, torch.device(device))
     fill(replay, stream, steps)
     valid = torch.nonzero(replay.priorities > 0).squeeze(1)
     generator = np.random.default_rng(2)
-    new_priorities = torch.tensor(generator.uniform(0.05, 3.0, size=len(valid)), dtype=torch.float32)
+    new_priorities = torch.tensor(generator.uniform(0.05, 3.0, size=len(valid)), dtype=torch.float32, device=device)
     replay.update_priorities(valid, new_priorities)
     expected = torch.zeros_like(replay.priorities, dtype=torch.float64)
     expected[valid] = new_priorities.double() / new_priorities.double().sum()
+    expected = expected.cpu()
 
     torch.manual_seed(0)
     counts = torch.zeros_like(expected)
     draws = 0
     for _ in range(200):
-        batch = replay.sample(500)
+        batch = {key: value.cpu() for key, value in replay.sample(500).items()}
         counts += torch.bincount(batch["index"], minlength=len(counts)).double()
         torch.testing.assert_close(batch["probs"].double(), expected[batch["index"]], rtol=1e-5, atol=1e-9)
         draws += 500
     frequencies = counts / draws
     bound = 5 * torch.sqrt(expected * (1 - expected) / draws) + 1e-4
     assert ((frequencies - expected).abs() <= bound).all()
-    assert counts[replay.priorities == 0].sum() == 0
+    assert counts[replay.priorities.cpu() == 0].sum() == 0
 
     assert replay.max_priority.item() == pytest.approx(new_priorities.max().item())
     fill_more = random_stream(N_STEP + 2, seed=3)
@@ -134,18 +138,20 @@ def test_prioritized_sampling_frequencies_and_probabilities():
     torch.testing.assert_close(replay.priorities[newest_complete], replay.max_priority.expand(NUM_ENVS))
 
 
-def test_acting_stack_matches_replay_stack():
+@pytest.mark.parametrize("device", DEVICES)
+def test_acting_stack_matches_replay_stack(device):
     """The stack the agent acts on (advance_stack) and the one replay rebuilds agree with brute force."""
     steps, capacity = 30, 50
     stream = random_stream(steps, seed=4)
-    replay = gap.DeviceReplay(capacity * NUM_ENVS, NUM_ENVS, 2, STACK, N_STEP, GAMMA, torch.device("cpu"))
-    obs = torch.zeros(NUM_ENVS, STACK, 2, 2, dtype=torch.uint8)
+    replay = gap.DeviceReplay(capacity * NUM_ENVS, NUM_ENVS, 2, STACK, N_STEP, GAMMA, torch.device(device))
+    obs = torch.zeros(NUM_ENVS, STACK, 2, 2, dtype=torch.uint8, device=device)
     obs[:, -1] = torch.tensor(np.stack([frame_of(0, e) for e in range(NUM_ENVS)]))
     for t in range(steps - 1):
-        expected = torch.tensor(np.stack([expected_stack(stream, t, e) for e in range(NUM_ENVS)]))
+        expected = torch.tensor(np.stack([expected_stack(stream, t, e) for e in range(NUM_ENVS)]), device=device)
         torch.testing.assert_close(obs, expected)
-        replay.add(obs[:, -1], torch.tensor(stream["actions"][t]), torch.tensor(stream["rewards"][t]),
-                   torch.tensor(stream["terminated"][t]), torch.tensor(stream["truncated"][t]))
+        step = [stream[key][t] for key in ("actions", "rewards", "terminated", "truncated")]
+        replay.add(obs[:, -1], *[torch.tensor(x, device=device) for x in step])
         torch.testing.assert_close(replay._stacks(replay.env_offset + t), expected)
-        ended = torch.tensor(stream["terminated"][t] | stream["truncated"][t])
-        obs = gap.advance_stack(obs, torch.tensor(np.stack([frame_of(t + 1, e) for e in range(NUM_ENVS)])), ended)
+        ended = torch.tensor(stream["terminated"][t] | stream["truncated"][t], device=device)
+        frames = torch.tensor(np.stack([frame_of(t + 1, e) for e in range(NUM_ENVS)]), device=device)
+        obs = gap.advance_stack(obs, frames, ended)

@@ -21,6 +21,8 @@ of 4, 108k-frame episodes, no life-loss terminals, no no-op starts, rewards clip
 The replay lives on the training device and stores each frame once; stacks and n-step returns are assembled at
 sampling time, frames before an episode's start are zeros, and windows that meet a truncation are never sampled.
 The loop reads the device once per step (the actions); `--compile` and `--cudagraphs` speed up the update.
+Checkpoints (`--checkpoint-every`, atomic) hold all the run's state; `--resume RUN_DIR` goes on from one, SIGTERM or
+SIGUSR1 checkpoint and exit with PREEMPTED (75), a NaN loss stops with DIVERGED (3), bad input with BAD_INPUT (2).
 
 Deviations from Dopamine, all small: envpool with `noop_max=1` (0 crashes it) may still take one no-op at reset;
 the gymnasium backend resizes with torch's area interpolation, not OpenCV's; stratified sampling searches block sums
@@ -31,8 +33,11 @@ its transition joins the replay, and acting uses weights one update older than D
 
 import json
 import os
+import math
 import random
+import signal
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -64,6 +69,12 @@ class Args:
     """where run folders go"""
     save_model: bool = False
     """save the online network's weights and the args in the run folder at the end"""
+    checkpoint_every: int = 250_000
+    """agent steps between checkpoints in the run folder (default: every Dopamine iteration; 0: none)"""
+    checkpoint_replay: bool = True
+    """include the replay in checkpoints (`--no-checkpoint-replay`: smaller; a resumed run refills it first)"""
+    resume: Optional[str] = None
+    """a run folder to continue from its latest complete checkpoint (same script and experiment args)"""
 
     # environment
     env_id: str = "Pong-v5"
@@ -155,10 +166,13 @@ class Args:
     """seconds between progress lines"""
 
 
-def fail(message: str):
+BAD_INPUT, DIVERGED, PREEMPTED = 2, 3, 75  # exit codes; 75 (EX_TEMPFAIL): checkpointed on SIGTERM/SIGUSR1, resume it
+
+
+def fail(message: str, code: int = BAD_INPUT):
     """Stop with one clear line and a non-zero exit, without a traceback."""
     print(f"error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
+    raise SystemExit(code)
 
 
 def validate_args(args: Args):
@@ -168,7 +182,7 @@ def validate_args(args: Args):
                  "diagnostics_batch_size", "log_every"]:
         if not getattr(args, name) > 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ["extra_dense_layers", "learning_starts", "eval_episodes", "weight_decay"]:
+    for name in ["extra_dense_layers", "learning_starts", "eval_episodes", "weight_decay", "checkpoint_every"]:
         if getattr(args, name) < 0:
             fail(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
     if args.num_atoms < 2 or not 0.0 <= args.gamma <= 1.0 or not 0.0 <= args.sticky_action_prob <= 1.0:
@@ -540,6 +554,29 @@ class DeviceReplay:
             truncated_first = (ends & ~terminal & ~ended_before).any(1)
             self.priorities[start] = torch.where(truncated_first, 0.0, self.max_priority)
 
+    def state_dict(self, with_contents: bool) -> dict:
+        if not with_contents:  # the resumed run starts from an empty replay
+            return dict(max_priority=self.max_priority.cpu(), cursor=0, adds=0)
+        names = ["frames", "actions", "rewards", "terminal", "episode_end", "priorities", "max_priority"]
+        return dict({name: getattr(self, name).cpu() for name in names}, cursor=self.cursor, adds=self.adds)
+
+    def load_state_dict(self, state: dict):
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor):
+                getattr(self, name).copy_(value)  # in place, so the tensors keep their (graph-captured) addresses
+        self.cursor, self.adds = state["cursor"], state["adds"]
+
+    def end_streams(self):
+        """End every env's stream with a truncation where an episode was running (a resumed run's envs start new
+        episodes): no stack or n-step window reaches across."""
+        if self.adds == 0:
+            return
+        last = self.env_offset + (self.cursor - 1) % self.capacity
+        running = ~self.terminal[last]
+        self.episode_end[last] = True
+        window = self.env_offset.unsqueeze(1) + (self.cursor - 1 - torch.arange(self.n_step, device=self.device)) % self.capacity
+        self.priorities[window] = torch.where(running.unsqueeze(1), 0.0, self.priorities[window])
+
     def _stacks(self, index: torch.Tensor) -> torch.Tensor:
         """Frame stacks ending at flat `index`, zeroing frames from before each episode's start."""
         env = index // self.capacity
@@ -695,6 +732,62 @@ def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
 
 
+# args that may change when a run is resumed; the others define the experiment and must match the checkpoint's
+RUN_CONTROL_ARGS = {"resume", "total_timesteps", "output_dir", "cuda", "compile", "cudagraphs", "save_model",
+                    "eval_episodes", "log_every", "progress_seconds", "checkpoint_every", "checkpoint_replay"}
+
+
+def training_state(net, target_net, optimizer, replay: DeviceReplay, args: Args, loop: dict) -> dict:
+    """What a run needs to go on where it stands; the envs restart (see DeviceReplay.end_streams)."""
+    rng = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
+               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    return dict(script=os.path.basename(__file__), args=asdict(args), loop=loop, net=net.state_dict(),
+                target_net=target_net.state_dict(), optimizer=optimizer.state_dict(),
+                replay=replay.state_dict(args.checkpoint_replay), rng=rng)
+
+
+def restore_training_state(state: dict, net, target_net, optimizer, replay: DeviceReplay) -> dict:
+    net.load_state_dict(state["net"])
+    target_net.load_state_dict(state["target_net"])
+    optimizer.load_state_dict(state["optimizer"])
+    replay.load_state_dict(state["replay"])
+    torch.set_rng_state(state["rng"]["torch"]), np.random.set_state(state["rng"]["numpy"])
+    random.setstate(state["rng"]["python"])
+    if state["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state["loop"]
+
+
+def write_atomically(state: dict, path: str):
+    """Write, flush and fsync a temporary file, then rename it: `path` always holds a complete checkpoint."""
+    with open(path + ".tmp", "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    os.fsync(folder)  # makes the rename itself durable
+    os.close(folder)
+
+
+def read_checkpoint(run_dir: str, args: Args) -> dict:
+    """The run folder's checkpoint, if this script wrote it with the same experiment args; else one clear error."""
+    path = os.path.join(run_dir, "checkpoint.pt")
+    if not os.path.isfile(path):
+        fail(f"cannot resume: no complete checkpoint in '{run_dir}' (no checkpoint.pt)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # no second replay in memory
+        script, saved_args = state["script"], state["args"]
+    except Exception as error:  # truncated or corrupt files fail in pickle, zipfile or torch
+        fail(f"cannot resume: {path} is corrupt or truncated ({type(error).__name__})")
+    if script != os.path.basename(__file__):
+        fail(f"cannot resume: {path} was written by {script}, not {os.path.basename(__file__)}")
+    for name, value in asdict(args).items():
+        if name not in RUN_CONTROL_ARGS and saved_args.get(name) != value:
+            fail(f"cannot resume: --{name.replace('_', '-')} is {saved_args.get(name)} in the checkpoint, {value} here")
+    return state
+
+
 def evaluate(net: QNetwork, args: Args, device: torch.device) -> list:
     envs = make_env(args, num_envs=1, seed=args.seed + 10_000)
     net.eval()
@@ -725,14 +818,19 @@ def main(args: Args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.cudagraphs and device.type != "cuda":
         fail("--cudagraphs needs a CUDA device (none is available, or --no-cuda was given)")
+    state = read_checkpoint(args.resume, args) if args.resume else None
+    loop = dict(global_step=0, updates=0, iteration_returns=[], returns_by_iteration=[], last_return=None,
+                diagnostics_obs=None, wall_seconds=0.0, resumes=0, learning_from=args.learning_starts)
+    loop = state["loop"] if state else loop
 
-    envs = make_env(args)
+    envs = make_env(args, seed=args.seed + 7919 * (loop["resumes"] + (state is not None)))  # new seeds on resume
     run_name = f"{args.env_id.replace('/', '_').replace(':', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.output_dir, run_name)
+    run_dir = args.resume or os.path.join(args.output_dir, run_name)
     try:
         os.makedirs(run_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=run_dir).close()  # fails now, not at the first checkpoint, if unwritable
     except OSError as error:
-        fail(f"cannot create the run folder {run_dir}: {error.strerror}")
+        fail(f"cannot write to the run folder {run_dir}: {error.strerror}")
 
     net = QNetwork(envs.num_actions, args).to(device)
     target_net = QNetwork(envs.num_actions, args).to(device)
@@ -748,21 +846,35 @@ def main(args: Args) -> dict:
     check_replay_fits(args, device)
     replay = DeviceReplay(args.buffer_size, args.num_envs, args.frame_size, args.frame_stack, args.n_step,
                           args.gamma, device)
-    writer = SummaryWriter(run_dir)
+    if state:
+        restore_training_state(state, net, target_net, optimizer, replay)
+        replay.end_streams()
+        loop["resumes"] += 1
+        if replay.adds == 0 and loop["global_step"] > 0:
+            loop["learning_from"] = loop["global_step"] + args.learning_starts
+            print(f"the checkpoint holds no replay: refilling it for {args.learning_starts:,} steps before learning")
+        print(f"resuming {run_dir} at step {loop['global_step']:,} (resume {loop['resumes']})")
+        del state  # frees the checkpoint's copy of the replay
+    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
+    stop_signals = []  # SIGTERM and SIGUSR1 (Slurm's warnings before preemption) checkpoint and exit with PREEMPTED
+    handlers = {sig: signal.signal(sig, lambda received, frame: stop_signals.append(received))
+                for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    writer = SummaryWriter(run_dir, purge_step=loop["global_step"] or None)  # drops events logged after the checkpoint
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
     obs = torch.zeros(args.num_envs, args.frame_stack, args.frame_size, args.frame_size, dtype=torch.uint8, device=device)
     obs[:, -1] = torch.as_tensor(envs.reset(), device=device)
     episode_returns = np.zeros(args.num_envs)
     episode_lengths = np.zeros(args.num_envs, dtype=np.int64)
-    iteration_returns, returns_by_iteration, last_return = [], [], None
+    iteration_returns, returns_by_iteration, last_return = loop["iteration_returns"], loop["returns_by_iteration"], loop["last_return"]
     stats = torch.zeros(2, device=device)  # running sums of the loss and the Q-value of the taken actions
     update = accelerated(make_update(net, target_net, optimizer, replay, args, stats), args)
     act = accelerated(lambda obs, epsilon: select_actions(net, obs, epsilon), args)
     epsilon_on_device = torch.ones((), device=device)
-    stats_count, updates, global_step = 0, 0, 0
-    diagnostics_obs, epsilon = None, 1.0
-    sps_start_time, sps_start_step, last_progress = time.time(), 0, 0.0
+    stats_count, updates, global_step, epsilon = 0, loop["updates"], loop["global_step"], 1.0
+    diagnostics_obs = None if loop["diagnostics_obs"] is None else loop["diagnostics_obs"].to(device)
+    sps_start_time, sps_start_step, last_progress = time.time(), global_step, 0.0
+    loop_wall_seconds = loop["wall_seconds"]
 
     while global_step < args.total_timesteps:
         epsilon = 0.0 if args.noisy else linear_schedule(global_step, args.learning_starts, args.epsilon_decay_steps, args.end_e)
@@ -775,7 +887,7 @@ def main(args: Args) -> dict:
         # Updates are queued before the env step, so the device trains while the host steps the envs (this step's
         # transition joins the replay after them; Dopamine stores it first).
         due = global_step // args.train_frequency - previous_step // args.train_frequency
-        new_updates = due if global_step > args.learning_starts else 0
+        new_updates = due if global_step > loop["learning_from"] else 0
         for _ in range(new_updates):
             update()
         stats_count, updates = stats_count + new_updates, updates + new_updates
@@ -797,9 +909,13 @@ def main(args: Args) -> dict:
         if global_step // args.target_network_frequency != previous_step // args.target_network_frequency:
             target_net.load_state_dict(net.state_dict())
 
-        if global_step // args.log_every != previous_step // args.log_every:
+        checkpoint_due = args.checkpoint_every and global_step // args.checkpoint_every != previous_step // args.checkpoint_every
+        if global_step // args.log_every != previous_step // args.log_every or checkpoint_due or stop_signals:
             if stats_count:  # the only reads of device values in the loop
                 loss_mean, q_mean = (stats / stats_count).tolist()
+                if not (math.isfinite(loss_mean) and math.isfinite(q_mean)):
+                    fail(f"the loss became {loss_mean} and the Q-value {q_mean} by step {global_step:,}; stopped, "
+                         f"the last good checkpoint stays in {run_dir}", DIVERGED)
                 writer.add_scalar("losses/td_loss", loss_mean, global_step)
                 writer.add_scalar("losses/q_values", q_mean, global_step)
                 stats.zero_()
@@ -834,11 +950,28 @@ def main(args: Args) -> dict:
                   f"| {sps:.0f} SPS | ETA {format_seconds(eta)} | updates {updates:,} | epsilon {epsilon:.3f} "
                   f"| last return {last_return if last_return is not None else '-'}", flush=True)
 
+        if checkpoint_due or stop_signals:  # after the stats read above: nothing diverged up to here
+            loop.update(global_step=global_step, updates=updates, iteration_returns=iteration_returns,
+                        returns_by_iteration=returns_by_iteration, last_return=last_return,
+                        diagnostics_obs=None if diagnostics_obs is None else diagnostics_obs.cpu(),
+                        wall_seconds=loop_wall_seconds + time.time() - start_time)
+            written_in = time.time()
+            write_atomically(training_state(net, target_net, optimizer, replay, args, loop), checkpoint_path)
+            print(f"checkpoint at step {global_step:,}: {os.path.getsize(checkpoint_path) / 1e9:.2f} GB in "
+                  f"{time.time() - written_in:.1f} s", flush=True)
+        if stop_signals:
+            print(f"{signal.Signals(stop_signals[0]).name}: checkpointed step {global_step:,}; exiting with code "
+                  f"{PREEMPTED}, continue with --resume {run_dir}", flush=True)
+            writer.close(), envs.close()
+            raise SystemExit(PREEMPTED)
+
     envs.close()
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
     summary = dict(
         script=os.path.basename(__file__), args=asdict(args), env_id=args.env_id, seed=args.seed,
         env_steps=global_step, frames=global_step * envs.frames_per_step,
-        updates=updates, wall_seconds=time.time() - start_time, device=str(device),
+        updates=updates, wall_seconds=loop_wall_seconds + time.time() - start_time, device=str(device),
         sps=(global_step - sps_start_step) / max(time.time() - sps_start_time, 1e-9),
         params_total=params_total, params_bottleneck=params_bottleneck, returns_by_iteration=returns_by_iteration,
         final_return=returns_by_iteration[-1]["mean_return"] if returns_by_iteration else None)

@@ -40,3 +40,14 @@ class Catch(gym.Env):
 
 
 gym.register("Catch-v0", entry_point=Catch, max_episode_steps=100)
+
+
+class ContinuousCatch(Catch):
+    """Catch with a continuous paddle velocity: a pixel env the value-based scripts must refuse."""
+
+    def __init__(self):
+        super().__init__()
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+
+gym.register("ContinuousCatch-v0", entry_point=ContinuousCatch, max_episode_steps=100)

@@ -85,6 +85,9 @@ BAD_INPUTS = [
     (["--buffer-size", "-5"], "--buffer-size must be positive"),
     (["--buffer-size", str(10**10)], "lower --buffer-size"),
     (["--cudagraphs", "--no-cuda"], "--cudagraphs needs a CUDA device"),
+    (["--env-backend", "gymnasium", "--env-id", "tests.catch_env:ContinuousCatch-v0"], "needs discrete actions"),
+    (["--output-dir", "/dev/null/runs"], "cannot write to the run folder"),
+    (["--checkpoint-every", "-1"], "--checkpoint-every must not be negative"),
 ]
 
 

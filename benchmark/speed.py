@@ -14,7 +14,8 @@ QNetwork, DeviceReplay, select_actions, make_update, accelerated, main), so it t
   floor_sps          num_envs / (env step + act + update * updates per step): the loop with no overhead at all
   loop_sps           the whole loop's agent steps per second once learning runs (main() for --loop-steps steps)
   efficiency         loop_sps / floor_sps (above 1 where the device trains while the host steps the envs)
-  update_vs_flatten  update_ms over flatten's at the same script, mode and scale (the paper: GAP is cheapest)
+  update_vs_flatten  update_ms over the first script's flatten at the same mode and scale (the paper: GAP is cheapest);
+                     scripts without --pooling (SoftMoE-1) get one row per scale, pooling "-"
 
 Writes speed.csv and speed.md into --out and prints the markdown table.
 """
@@ -148,7 +149,7 @@ def loop_steps_per_second(module, script_args, loop_steps: int, learning_starts:
 def measure(args: Args, on_row=lambda row: None) -> list:
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    rows = []
+    rows, flatten_update_ms = [], {}
     for name in args.scripts:
         module = load_script(name)
         base = module.Args(env_id=args.env_id, num_envs=args.num_envs, buffer_size=args.buffer_size, cuda=args.cuda)
@@ -159,10 +160,9 @@ def measure(args: Args, on_row=lambda row: None) -> list:
                 print(f"skipping mode {mode}: it needs a CUDA device", file=sys.stderr)
                 continue
             for scale in args.scales:
-                flatten_update_ms = None
-                for pooling in args.poolings:
-                    script_args = replace(base, scale=scale, pooling=pooling, compile="compile" in mode,
-                                          cudagraphs="cudagraphs" in mode)
+                for pooling in args.poolings if hasattr(base, "pooling") else ["-"]:
+                    script_args = replace(base, scale=scale, compile="compile" in mode, cudagraphs="cudagraphs" in mode,
+                                          **({"pooling": pooling} if hasattr(base, "pooling") else {}))
                     print(f"measuring {name} {mode} scale {scale} {pooling} ...", file=sys.stderr, flush=True)
                     parts = measure_parts(module, script_args, num_actions, device, args.repeats)
                     updates_per_step = args.num_envs / script_args.train_frequency
@@ -170,12 +170,13 @@ def measure(args: Args, on_row=lambda row: None) -> list:
                                     + updates_per_step * parts["update_ms"] / 1000)
                     loop_sps = loop_steps_per_second(module, script_args, args.loop_steps, args.learning_starts)
                     if pooling == "flatten":
-                        flatten_update_ms = parts["update_ms"]
+                        flatten_update_ms.setdefault((mode, scale), parts["update_ms"])
+                    reference_ms = flatten_update_ms.get((mode, scale))
                     rows.append(dict(
                         script=name, mode=mode, device=device_name, num_envs=args.num_envs, scale=scale,
                         pooling=pooling, **parts, env_sps=env_sps, floor_sps=args.num_envs / step_seconds,
                         loop_sps=loop_sps, efficiency=loop_sps * step_seconds / args.num_envs,
-                        update_vs_flatten=parts["update_ms"] / flatten_update_ms if flatten_update_ms else None))
+                        update_vs_flatten=parts["update_ms"] / reference_ms if reference_ms else None))
                     on_row(rows[-1])
     return rows
 

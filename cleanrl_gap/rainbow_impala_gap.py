@@ -458,6 +458,8 @@ class QNetwork(nn.Module):
         self.head = dense(width, num_actions * args.num_atoms, args.noisy)
         self.value_head = dense(width, args.num_atoms, args.noisy) if args.dueling else None
         self.register_buffer("support", torch.linspace(-args.v_max, args.v_max, args.num_atoms))
+        c, h, w = self.feature_shape
+        self.description = f"{args.encoder} phi -> {h}x{w}x{c} -> {args.pooling} -> {bottleneck_inputs} -> psi {width}"
 
     def bottleneck_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.phi(x.float() / 255.0))
@@ -838,10 +840,8 @@ def main(args: Args) -> dict:
     optimizer = make_optimizer(net, args)
     params_total = sum(p.numel() for p in net.parameters())
     params_bottleneck = net.bottleneck.weight.numel()
-    h, w, c = net.feature_shape[1], net.feature_shape[2], net.feature_shape[0]
-    print(f"network: {args.encoder} phi -> {h}x{w}x{c} -> {args.pooling} -> {net.bottleneck.weight.shape[1]} inputs "
-          f"-> psi width {512 * args.scale}; bottleneck {params_bottleneck:,} weights, {params_total:,} parameters "
-          f"in all; device {device}")
+    print(f"network: {net.description}; bottleneck {params_bottleneck:,} weights, {params_total:,} parameters in "
+          f"all; device {device}")
 
     check_replay_fits(args, device)
     replay = DeviceReplay(args.buffer_size, args.num_envs, args.frame_size, args.frame_stack, args.n_step,

@@ -192,7 +192,7 @@ def corrupt(run_dir, how):
         os.remove(path)
     elif how == "other script":
         state = torch.load(path, weights_only=False)
-        state["script"] = "rainbow_softmoe1.py"
+        state["script"] = "der_atari100k_gap.py"
         torch.save(state, path)
 
 
@@ -201,9 +201,9 @@ def corrupt(run_dir, how):
     ("truncated", [], "is corrupt or truncated"),
     ("garbage", [], "is corrupt or truncated"),
     ("missing", [], "no complete checkpoint"),
-    ("other script", [], "was written by rainbow_softmoe1.py"),
+    ("other script", [], "was written by der_atari100k_gap.py"),
     (None, ["--scale", "2"], "--scale is 1 in the checkpoint, 2 here"),
-    (None, ["--pooling", "flatten"], "--pooling is gap in the checkpoint, flatten here"),
+    (None, ["--n-step", "5"], "--n-step is 3 in the checkpoint, 5 here"),
 ])
 def test_bad_resume_fails_with_one_clear_line(name, how, args, message, finished_run, tmp_path):
     run_dir = str(tmp_path / "run")

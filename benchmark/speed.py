@@ -3,6 +3,7 @@
     python benchmark/speed.py                      # the default table (see Args)
     python benchmark/speed.py --quick              # tiny settings, a minute on a CPU
     python benchmark/speed.py --modes eager cudagraphs compile+cudagraphs --scales 1 4 8   # on a GPU
+    python benchmark/speed.py --scripts rainbow_pruned --poolings flatten --settings method=rigl sparsify=psi
 
 Everything is measured in this one process, after warm-up, through the scripts' own functions (make_env,
 QNetwork, DeviceReplay, select_actions, make_update, accelerated, main), so it times what a run executes:
@@ -37,7 +38,7 @@ import tyro
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmark.scripts import load_script  # noqa: E402
 
-COLUMNS = ["script", "mode", "device", "num_envs", "scale", "pooling", "params_bottleneck", "env_sps", "act_ms",
+COLUMNS = ["script", "settings", "mode", "device", "num_envs", "scale", "pooling", "params_bottleneck", "env_sps", "act_ms",
            "sample_ms", "update_ms", "floor_sps", "loop_sps", "efficiency", "update_vs_flatten"]
 
 
@@ -51,6 +52,8 @@ class Args:
     """psi width multipliers"""
     poolings: List[str] = field(default_factory=lambda: ["flatten", "gap", "max"])
     """bottlenecks"""
+    settings: List[str] = field(default_factory=list)
+    """NAME=VALUE script args, applied to the scripts that have them (e.g. method=rigl sparsify=psi)"""
     env_id: str = "Pong-v5"
     """the environment (envpool)"""
     num_envs: int = 1
@@ -153,6 +156,8 @@ def measure(args: Args, on_row=lambda row: None) -> list:
     for name in args.scripts:
         module = load_script(name)
         base = module.Args(env_id=args.env_id, num_envs=args.num_envs, buffer_size=args.buffer_size, cuda=args.cuda)
+        settings = script_settings(base, args.settings)
+        base = replace(base, **settings)
         env_sps = env_steps_per_second(module, base, args.env_steps)
         num_actions = module.make_env(base, num_envs=1).num_actions
         for mode in args.modes:
@@ -173,12 +178,24 @@ def measure(args: Args, on_row=lambda row: None) -> list:
                         flatten_update_ms.setdefault((mode, scale), parts["update_ms"])
                     reference_ms = flatten_update_ms.get((mode, scale))
                     rows.append(dict(
-                        script=name, mode=mode, device=device_name, num_envs=args.num_envs, scale=scale,
+                        script=name, settings=" ".join(f"{k}={v}" for k, v in settings.items()) or "-", mode=mode,
+                        device=device_name, num_envs=args.num_envs, scale=scale,
                         pooling=pooling, **parts, env_sps=env_sps, floor_sps=args.num_envs / step_seconds,
                         loop_sps=loop_sps, efficiency=loop_sps * step_seconds / args.num_envs,
                         update_vs_flatten=parts["update_ms"] / reference_ms if reference_ms else None))
                     on_row(rows[-1])
     return rows
+
+
+def script_settings(script_args, settings: list) -> dict:
+    """The NAME=VALUE pairs this script's Args has, converted to the fields' types."""
+    chosen = {}
+    for setting in settings:
+        name, _, value = setting.partition("=")
+        if hasattr(script_args, name):
+            current = getattr(script_args, name)
+            chosen[name] = value.lower() in ("1", "true", "yes") if isinstance(current, bool) else type(current)(value)
+    return chosen
 
 
 def format_cell(value) -> str:

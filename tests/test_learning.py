@@ -21,7 +21,9 @@ def test_rainbow_learns_catch(name, tmp_path):
         env_backend="gymnasium", env_id="tests.catch_env:Catch-v0", frame_size=16, seed=1, cuda=False,
         output_dir=str(tmp_path), progress_seconds=1e9, total_timesteps=2000, iteration_steps=500,
         learning_starts=200, buffer_size=5000, learning_rate=1e-3, epsilon_decay_steps=1000,
-        target_network_frequency=200, train_frequency=1, eval_episodes=50)
+        target_network_frequency=200, train_frequency=1, eval_episodes=50,
+        # the sparse baselines' mask schedule, scaled from 50M steps to this run: masks tighten every 50 updates
+        **({"mask_update_every": 50, "rigl_update_every": 250} if name == "rainbow_pruned" else {}))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

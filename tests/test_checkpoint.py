@@ -215,3 +215,22 @@ def test_bad_resume_fails_with_one_clear_line(name, how, args, message, finished
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: cannot resume") and message in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_resume_without_the_replay_refills_it_before_learning(name, tmp_path):
+    args = [*RUN, "--buffer-size", "2000", "--no-checkpoint-replay"]
+    first = subprocess.run([sys.executable, script_path(name), "--output-dir", str(tmp_path), *args,
+                            "--total-timesteps", "300", "--checkpoint-every", "300"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    run_dir = run_folder(tmp_path)
+    state = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
+    assert "frames" not in state["replay"] and state["replay"]["adds"] == 0  # the replay stayed out
+    result = subprocess.run([sys.executable, script_path(name), *args, "--total-timesteps", "600",
+                             "--resume", run_dir], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "refilling it for 100 steps before learning" in result.stdout
+    summary = json.load(open(os.path.join(run_dir, "summary.json")))
+    # learning paused for steps 301-400 while the replay refilled: updates at steps 101-300 and 401-600
+    assert summary["env_steps"] == 600 and summary["updates"] == (300 - 100) // 4 + (600 - 400) // 4

@@ -925,7 +925,7 @@ def main(args: Args) -> dict:
         # Updates are queued before the env step, so the device trains while the host steps the envs (this step's
         # transition joins the replay after them; Dopamine stores it first).
         due = global_step // args.train_frequency - previous_step // args.train_frequency
-        new_updates = due if global_step > loop["learning_from"] else 0
+        new_updates = due if global_step > loop["learning_from"] and replay.adds > args.n_step else 0  # something to sample
         for _ in range(new_updates):
             update()
         stats_count, updates = stats_count + new_updates, updates + new_updates

@@ -1,0 +1,111 @@
+"""benchmark/aggregate.py: the metrics against their definitions (rliable's), the stratified bootstrap, and the
+whole path from run folders to aggregate.csv."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from benchmark import aggregate
+from benchmark.scripts import ROOT
+
+
+def test_metrics_match_their_definitions():
+    scores = np.array([[0.1, 2.0, -0.5], [0.4, 1.0, 0.3], [0.2, 3.0, 0.9], [0.8, 0.5, 1.5]])  # 4 runs x 3 games
+    flat = sorted(scores.ravel().tolist())  # 12 values: the IQM drops 3 from each end
+    assert aggregate.iqm(scores) == pytest.approx(sum(flat[3:9]) / 6)
+    game_means = [(0.1 + 0.4 + 0.2 + 0.8) / 4, (2.0 + 1.0 + 3.0 + 0.5) / 4, (-0.5 + 0.3 + 0.9 + 1.5) / 4]
+    assert aggregate.median(scores) == pytest.approx(sorted(game_means)[1])
+    assert aggregate.mean(scores) == pytest.approx(sum(game_means) / 3)
+    clipped = [min(v, 1.0) for v in scores.ravel()]
+    assert aggregate.optimality_gap(scores) == pytest.approx(1 - sum(clipped) / 12)
+
+
+def test_bootstrap_is_stratified_reproducible_and_brackets_the_estimate():
+    rng = np.random.default_rng(3)
+    scores = rng.normal(size=(5, 4)) + np.arange(4)  # games differ in level
+    seen = []
+
+    def recording_mean(sample):
+        seen.append(sample)
+        return aggregate.mean(sample)
+
+    low, high = aggregate.stratified_bootstrap(scores, recording_mean, reps=300, seed=7)
+    assert len(seen) == 300
+    for sample in seen:  # every resampled column holds runs of its own game only, as many as it had
+        assert sample.shape == scores.shape
+        assert all(set(sample[:, g]) <= set(scores[:, g]) for g in range(4))
+    assert low <= aggregate.mean(scores) <= high
+    assert aggregate.stratified_bootstrap(scores, aggregate.mean, 300, 7) == (low, high)
+    assert aggregate.stratified_bootstrap(scores, aggregate.mean, 300, 8) != (low, high)
+    constant = np.tile(np.array([[0.5, 1.5, 2.0]]), (4, 1))  # identical runs: nothing to resample
+    assert aggregate.stratified_bootstrap(constant, aggregate.iqm, 50, 0) == pytest.approx((aggregate.iqm(constant),) * 2)
+
+
+def test_game_names_and_human_normalisation():
+    table = aggregate.human_random_table()
+    assert len(table) == 57
+    for env_id in ["Pong-v5", "ALE/Pong-v5", "PongNoFrameskip-v4"]:
+        assert aggregate.game_name(env_id) == "pong"
+    random_score, human_score = table["pong"]
+    assert aggregate.normalised_score("Pong-v5", human_score, table) == pytest.approx(1.0)
+    assert aggregate.normalised_score("ALE/Pong-v5", random_score, table) == pytest.approx(0.0)
+    with pytest.raises(SystemExit):
+        aggregate.normalised_score("tests.catch_env:Catch-v0", 1.0, table)
+
+
+def write_run(folder, script, env_id, seed, score, **args):
+    folder.mkdir(parents=True)
+    summary = dict(script=script, env_id=env_id, seed=seed, final_return=score,
+                   args=dict(seed=seed, env_id=env_id, output_dir="runs", **args))
+    (folder / "summary.json").write_text(json.dumps(summary))
+
+
+def test_run_folders_to_aggregate_csv(tmp_path):
+    table = aggregate.human_random_table()
+    expected = {}
+    for pooling, level in [("gap", 0.9), ("flatten", 0.4)]:
+        normalised = []
+        for game in ["Pong", "Breakout"]:
+            random_score, human_score = table[game.lower()]
+            for seed in range(3):
+                fraction = level + 0.1 * seed
+                write_run(tmp_path / "runs" / f"{game}_{pooling}_{seed}", "rainbow_impala_gap.py", f"{game}-v5", seed,
+                          random_score + fraction * (human_score - random_score), pooling=pooling, scale=4)
+                normalised.append(fraction)
+        label = "rainbow_impala_gap scale=4" if pooling == "gap" else "rainbow_impala_gap pooling=flatten scale=4"
+        expected[label] = np.mean(normalised)  # gap is the script's default, so its label leaves it out
+    (tmp_path / "runs" / "unfinished").mkdir()  # no summary.json: reported and skipped
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "benchmark/aggregate.py", *sorted(map(str, (tmp_path / "runs").iterdir())),
+                             "--out", str(out), "--reps", "200"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "skipping" in result.stderr and "unfinished" in result.stderr
+    rows = list(csv.DictReader(open(out / "aggregate.csv")))
+    assert list(rows[0]) == ["method", "metric", "value", "ci_low", "ci_high"]
+    assert {(r["method"], r["metric"]) for r in rows} == {(m, k) for m in expected for k in aggregate.METRICS}
+    for row in rows:
+        assert float(row["ci_low"]) <= float(row["value"]) + 1e-12 <= float(row["ci_high"]) + 2e-12
+        if row["metric"] == "mean":
+            assert float(row["value"]) == pytest.approx(expected[row["method"]])
+    grouped = aggregate.main(aggregate.Args(run_dirs=[str(p) for p in (tmp_path / "runs").iterdir()],
+                                            out=str(tmp_path / "grouped"), group_by=["pooling"], reps=50))
+    assert {r["method"] for r in grouped} == {"rainbow_impala_gap pooling=gap", "rainbow_impala_gap pooling=flatten"}
+
+
+def test_matches_rliable_on_the_same_data():
+    """Point estimates equal rliable's; interval ends agree within 0.01 (rliable's own runs differ by 0.002)."""
+    reference = json.load(open(os.path.join(os.path.dirname(__file__), "data", "rliable_reference.json")))
+    assert reference["metrics"] == aggregate.METRICS
+    for method in reference["methods"].values():
+        scores = np.array(method["scores"])
+        for i, metric in enumerate(aggregate.METRICS):
+            function = aggregate.METRIC_FUNCTIONS[metric]
+            assert function(scores) == pytest.approx(method["value"][i], abs=1e-12)
+            low, high = aggregate.stratified_bootstrap(scores, function, reps=20000, seed=0)
+            assert low == pytest.approx(method["ci_low"][i], abs=0.01)
+            assert high == pytest.approx(method["ci_high"][i], abs=0.01)

@@ -36,7 +36,7 @@ import torch
 import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmark.scripts import load_script  # noqa: E402
+from benchmark.scripts import load_script, training_parts  # noqa: E402
 
 COLUMNS = ["script", "settings", "mode", "device", "num_envs", "scale", "pooling", "params_bottleneck", "env_sps", "act_ms",
            "sample_ms", "update_ms", "floor_sps", "loop_sps", "efficiency", "update_vs_flatten"]
@@ -110,35 +110,15 @@ def env_steps_per_second(module, script_args, steps: int) -> float:
     return steps * script_args.num_envs / elapsed
 
 
-def filled_replay(module, script_args, device: torch.device):
-    """A full replay of random frames, every transition sampleable at priority 1 (sampling cost depends on sizes,
-    not on contents)."""
-    replay = module.DeviceReplay(script_args.buffer_size, script_args.num_envs, script_args.frame_size,
-                                 script_args.frame_stack, script_args.n_step, script_args.gamma, device)
-    replay.frames.random_(0, 256)
-    replay.episode_end.zero_()
-    replay.adds = replay.capacity
-    replay.priorities[: replay.num_envs * replay.capacity] = 1.0
-    return replay
-
-
 def measure_parts(module, script_args, num_actions: int, device: torch.device, repeats: int) -> dict:
-    net = module.QNetwork(num_actions, script_args).to(device)
-    target_net = module.QNetwork(num_actions, script_args).to(device)
-    target_net.load_state_dict(net.state_dict())
-    optimizer = module.make_optimizer(net, script_args)
-    replay = filled_replay(module, script_args, device)
-    stats = torch.zeros(2, device=device)
-    update = module.accelerated(module.make_update(net, target_net, optimizer, replay, script_args, stats), script_args)
-    act = module.accelerated(lambda obs, epsilon: module.select_actions(net, obs, epsilon), script_args)
-    obs = replay.sample(script_args.num_envs)["obs"]
+    parts = training_parts(module, script_args, device, num_actions)
+    act = module.accelerated(lambda obs, epsilon: module.select_actions(parts.net, obs, epsilon), script_args)
+    obs = parts.replay.sample(script_args.num_envs)["obs"]
     epsilon = torch.full((), 0.01, device=device)
-    parts = dict(params_bottleneck=net.bottleneck.weight.numel(),
-                 act_ms=median_ms(lambda: act(obs, epsilon).cpu(), repeats, device),
-                 sample_ms=median_ms(lambda: replay.sample(script_args.batch_size), repeats, device),
-                 update_ms=median_ms(update, repeats, device))
-    del replay, net, target_net, optimizer
-    return parts
+    return dict(params_bottleneck=parts.net.bottleneck.weight.numel(),
+                act_ms=median_ms(lambda: act(obs, epsilon).cpu(), repeats, device),
+                sample_ms=median_ms(lambda: parts.replay.sample(script_args.batch_size), repeats, device),
+                update_ms=median_ms(parts.update, repeats, device))
 
 
 def loop_steps_per_second(module, script_args, loop_steps: int, learning_starts: int) -> float:

@@ -940,9 +940,10 @@ def main(args: Args) -> dict:
             writer.add_scalar("charts/episodic_length", int(episode_lengths[i]), global_step)
             episode_returns[i], episode_lengths[i] = 0.0, 0
 
-        replay.add(obs[:, -1], actions, to_device(rewards, device).clamp(-1.0, 1.0), to_device(terminated, device),
-                   to_device(truncated, device))
-        obs = advance_stack(obs, to_device(frames, device), to_device(terminated | truncated, device))
+        terminated_on_device, truncated_on_device = to_device(terminated, device), to_device(truncated, device)
+        replay.add(obs[:, -1], actions, to_device(rewards, device).clamp(-1.0, 1.0), terminated_on_device,
+                   truncated_on_device)
+        obs = advance_stack(obs, to_device(frames, device), terminated_on_device | truncated_on_device)
 
         if global_step // args.target_network_frequency != previous_step // args.target_network_frequency:
             target_net.load_state_dict(net.state_dict())

@@ -6,8 +6,7 @@ import pytest
 import torch
 import torch._inductor.config
 
-from benchmark.scripts import SCRIPTS, load_script
-from benchmark.speed import filled_replay
+from benchmark.scripts import SCRIPTS, load_script, training_parts
 from tests.test_end_to_end import scalars
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -16,21 +15,16 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 def updated_state(module, args, device: torch.device, updates: int = 4) -> dict:
     """Parameters, Adam moments, priorities and loss sums after `updates` updates from a seeded start."""
     torch.manual_seed(0)
-    net = module.QNetwork(6, args).to(device)
-    target_net = module.QNetwork(6, args).to(device)
-    target_net.load_state_dict(net.state_dict())
-    optimizer = module.make_optimizer(net, args)
-    replay = filled_replay(module, args, device)
-    replay.rewards.uniform_(-1, 1)
-    replay.episode_end[::7] = True
-    stats = torch.zeros(2, device=device)
-    update = module.accelerated(module.make_update(net, target_net, optimizer, replay, args, stats), args)
+    parts = training_parts(module, args, device)
+    parts.replay.rewards.uniform_(-1, 1)
+    parts.replay.episode_end[::7] = True
     torch.manual_seed(1)
     for _ in range(updates):
-        update()
-    moments = [optimizer.state[p]["exp_avg_sq"] for p in net.parameters()]
-    return dict(params=[p.detach().clone() for p in net.parameters()], moments=moments,
-                priorities=replay.priorities.clone(), max_priority=replay.max_priority.clone(), stats=stats.clone())
+        parts.update()
+    moments = [parts.optimizer.state[p]["exp_avg_sq"] for p in parts.net.parameters()]
+    return dict(params=[p.detach().clone() for p in parts.net.parameters()], moments=moments,
+                priorities=parts.replay.priorities.clone(), max_priority=parts.replay.max_priority.clone(),
+                stats=parts.stats.clone())
 
 
 def assert_same_state(actual: dict, expected: dict):

@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from benchmark.scripts import ROOT, SCRIPTS, load_script, script_path
-from benchmark.speed import filled_replay
-from tests.test_end_to_end import CATCH
+from benchmark.scripts import ROOT, SCRIPTS, load_script, script_path, training_parts
+from tests.test_end_to_end import CATCH, run_script
 
 RUN = [*CATCH, "--learning-starts", "100", "--log-every", "50", "--iteration-steps", "200", "--progress-seconds",
        "1e9", "--no-cuda"]
@@ -63,19 +62,13 @@ def test_checkpoint_restores_exactly_what_was_saved(name, tmp_path):
     args = module.Args(frame_size=24, buffer_size=600, batch_size=8, learning_rate=1e-3, cuda=False)
     device = torch.device("cpu")
 
-    def build():
-        net, target_net = module.QNetwork(6, args), module.QNetwork(6, args)
-        return net, target_net, module.make_optimizer(net, args), module.DeviceReplay(
-            args.buffer_size, args.num_envs, args.frame_size, args.frame_stack, args.n_step, args.gamma, device)
-
     torch.manual_seed(0)
-    net, target_net, optimizer, _ = build()
-    replay = filled_replay(module, args, device)
+    parts = training_parts(module, args, device)
+    net, target_net, optimizer, replay = parts.net, parts.target_net, parts.optimizer, parts.replay
     replay.rewards.uniform_(-1, 1)
     replay.cursor, replay.adds = 123, 700
-    update = module.make_update(net, target_net, optimizer, replay, args, torch.zeros(2))
     for _ in range(3):
-        update()
+        parts.update()
     np.random.rand(7), torch.rand(3)  # move every RNG away from its seed
     loop = dict(global_step=1234, updates=3, iteration_returns=[1.0, -1.0], returns_by_iteration=[],
                 last_return=-1.0, diagnostics_obs=torch.ones(2, 4, 24, 24, dtype=torch.uint8), wall_seconds=5.0,
@@ -86,7 +79,8 @@ def test_checkpoint_restores_exactly_what_was_saved(name, tmp_path):
     expected_draws = (torch.rand(4), np.random.rand(4))
 
     torch.manual_seed(99), np.random.seed(99)
-    fresh = build()
+    other = training_parts(module, args, device)  # different weights and replay contents, all to be overwritten
+    fresh = (other.net, other.target_net, other.optimizer, other.replay)
     restored_loop = module.restore_training_state(module.read_checkpoint(run_dir, args), *fresh)
     assert_same(module.training_state(*fresh, args, restored_loop), saved)
     assert torch.equal(fresh[3].frames, replay.frames) and torch.equal(fresh[3].priorities, replay.priorities)
@@ -116,8 +110,7 @@ def test_sigkill_in_training_and_in_a_checkpoint_write_then_resume(name, tmp_pat
     step = torch.load(checkpoint, weights_only=False)["loop"]["global_step"]  # the previous one, complete
     assert step >= first_step and step % 200 == 0
 
-    result = subprocess.run([sys.executable, script_path(name), *RUN, *args, "--resume", run_dir], cwd=ROOT,
-                            capture_output=True, text=True, timeout=600)
+    result = run_script(name, [*RUN, *args, "--resume", run_dir], tmp_path)
     assert result.returncode == 0, result.stderr
     assert f"resuming {run_dir} at step {step:,}" in result.stdout
     summary = json.load(open(os.path.join(run_dir, "summary.json")))
@@ -141,9 +134,8 @@ def test_preemption_signal_checkpoints_and_exits_with_preempted(name, stop_signa
     step = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)["loop"]["global_step"]
     assert 0 < step < 100000
 
-    result = subprocess.run([sys.executable, script_path(name), *RUN, "--total-timesteps", str(step + 50),
-                             "--checkpoint-every", "0", "--buffer-size", "2000", "--resume", run_dir],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = run_script(name, [*RUN, "--total-timesteps", str(step + 50), "--checkpoint-every", "0", "--buffer-size",
+                               "2000", "--resume", run_dir], tmp_path)
     assert result.returncode == 0, result.stderr
     assert json.load(open(os.path.join(run_dir, "summary.json")))["env_steps"] == step + 50
 
@@ -151,10 +143,8 @@ def test_preemption_signal_checkpoints_and_exits_with_preempted(name, stop_signa
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(name, tmp_path):
     module = load_script(name)
-    result = subprocess.run([sys.executable, script_path(name), "--output-dir", str(tmp_path), *RUN,
-                             "--learning-rate", "1e30", "--total-timesteps", "2000", "--checkpoint-every", "100",
-                             "--buffer-size", "2000", "--log-every", "10"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=600)
+    result = run_script(name, [*RUN, "--learning-rate", "1e30", "--total-timesteps", "2000", "--checkpoint-every", "100",
+                               "--buffer-size", "2000", "--log-every", "10"], tmp_path)
     assert result.returncode == module.DIVERGED == 3
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: the loss became "), result.stderr
@@ -172,9 +162,8 @@ def finished_run(tmp_path_factory):
     def run_of(name):
         if name not in runs:
             output_dir = tmp_path_factory.mktemp("finished")
-            result = subprocess.run([sys.executable, script_path(name), "--output-dir", str(output_dir), *RUN,
-                                     "--total-timesteps", "150", "--checkpoint-every", "150", "--buffer-size", "1000"],
-                                    cwd=ROOT, capture_output=True, text=True, timeout=600)
+            result = run_script(name, [*RUN, "--total-timesteps", "150", "--checkpoint-every", "150", "--buffer-size",
+                                       "1000"], output_dir)
             assert result.returncode == 0, result.stderr
             runs[name] = run_folder(output_dir)
         return runs[name]
@@ -210,8 +199,8 @@ def test_bad_resume_fails_with_one_clear_line(name, how, args, message, finished
     subprocess.run(["cp", "-r", finished_run(name), run_dir], check=True)
     if how:
         corrupt(run_dir, how)
-    result = subprocess.run([sys.executable, script_path(name), *RUN, "--total-timesteps", "300", "--buffer-size",
-                             "1000", *args, "--resume", run_dir], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = run_script(name, [*RUN, "--total-timesteps", "300", "--buffer-size", "1000", *args, "--resume", run_dir],
+                        tmp_path)
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: cannot resume") and message in lines[0], result.stderr
@@ -220,15 +209,12 @@ def test_bad_resume_fails_with_one_clear_line(name, how, args, message, finished
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_resume_without_the_replay_refills_it_before_learning(name, tmp_path):
     args = [*RUN, "--buffer-size", "2000", "--no-checkpoint-replay"]
-    first = subprocess.run([sys.executable, script_path(name), "--output-dir", str(tmp_path), *args,
-                            "--total-timesteps", "300", "--checkpoint-every", "300"], cwd=ROOT, capture_output=True,
-                           text=True, timeout=600)
+    first = run_script(name, [*args, "--total-timesteps", "300", "--checkpoint-every", "300"], tmp_path)
     assert first.returncode == 0, first.stderr
     run_dir = run_folder(tmp_path)
     state = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
     assert "frames" not in state["replay"] and state["replay"]["adds"] == 0  # the replay stayed out
-    result = subprocess.run([sys.executable, script_path(name), *args, "--total-timesteps", "600",
-                             "--resume", run_dir], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = run_script(name, [*args, "--total-timesteps", "600", "--resume", run_dir], tmp_path)
     assert result.returncode == 0, result.stderr
     assert "refilling it for 100 steps before learning" in result.stdout
     summary = json.load(open(os.path.join(run_dir, "summary.json")))

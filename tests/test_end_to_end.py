@@ -42,7 +42,7 @@ def test_short_pong_run_writes_summary_and_events(name, backend, env_id, tmp_pat
     assert summary["script"] == f"{name}.py"
     assert summary["env_steps"] == 240 and summary["frames"] == 960
     assert summary["updates"] == (240 - 120) // 4
-    flattened = name == "rainbow_pruned"  # the sparse baselines prune a flattened bottleneck (84x84: 11x11x32 inputs)
+    flattened = getattr(load_script(name).Args(), "pooling", "gap") == "flatten"  # the sparse baselines' default
     assert summary["params_bottleneck"] == (11 * 11 * 32 if flattened else 32) * 512
     assert [it["step"] for it in summary["returns_by_iteration"]] == [100, 200, 240]
     assert os.path.exists(os.path.join(run_dir, "model.pt"))

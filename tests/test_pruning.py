@@ -5,8 +5,7 @@ import math
 import pytest
 import torch
 
-from benchmark.scripts import load_script
-from benchmark.speed import filled_replay
+from benchmark.scripts import load_script, training_parts
 
 pruned = load_script("rainbow_pruned")
 
@@ -88,14 +87,11 @@ def training_setup(method: str, **overrides):
     torch.manual_seed(0)
     args = pruned.Args(frame_size=24, buffer_size=600, batch_size=8, learning_rate=1e-3, method=method, cuda=False,
                        **overrides)
-    net, target_net = pruned.QNetwork(6, args), pruned.QNetwork(6, args)
-    optimizer = pruned.make_optimizer(net, args)
-    pruner = pruned.Pruner(net, optimizer, args)
-    target_net.load_state_dict(net.state_dict())
-    replay = filled_replay(pruned, args, torch.device("cpu"))
-    replay.rewards.uniform_(-1, 1)
-    update = pruned.make_update(net, target_net, optimizer, replay, args, torch.zeros(2))
-    return net, optimizer, pruner, update
+    parts = training_parts(pruned, args, torch.device("cpu"))
+    pruner = pruned.Pruner(parts.net, parts.optimizer, args)
+    parts.target_net.load_state_dict(parts.net.state_dict())  # with the initial masks, as main() does
+    parts.replay.rewards.uniform_(-1, 1)
+    return parts.net, parts.optimizer, pruner, parts.update
 
 
 def test_pruned_weights_stay_zero_across_optimizer_steps():

@@ -51,3 +51,27 @@ class ContinuousCatch(Catch):
 
 
 gym.register("ContinuousCatch-v0", entry_point=ContinuousCatch, max_episode_steps=100)
+
+
+class CatchLives(Catch):
+    """Catch with three lives, as an Atari game has them: a miss costs a life (`info["lives"]`) and the next ball
+    falls; the game ends when no life is left. A game's return is its catches minus 3."""
+
+    LIVES = 3
+
+    def reset(self, seed=None, options=None):
+        observation, _ = super().reset(seed=seed)
+        self.lives = self.LIVES
+        return observation, {"lives": self.lives}
+
+    def step(self, action):
+        observation, reward, ball_landed, truncated, _ = super().step(action)
+        self.lives -= int(reward < 0)
+        terminated = self.lives == 0
+        if ball_landed and not terminated:
+            self.ball_row, self.ball_column = 0, int(self.np_random.integers(COLUMNS))
+            observation = self._observation()
+        return observation, reward, terminated, truncated, {"lives": self.lives}
+
+
+gym.register("CatchLives-v0", entry_point=CatchLives, max_episode_steps=1000)

@@ -31,9 +31,9 @@ def assert_same_state(actual: dict, expected: dict):
     for key in expected:
         for a, e in zip(actual[key] if isinstance(actual[key], list) else [actual[key]],
                         expected[key] if isinstance(expected[key], list) else [expected[key]]):
-            # Adam divides by sqrt(v), so rounding in near-zero gradients moves weights by up to ~lr/10; a different
-            # batch or a missed step moves them by ~lr (1e-3)
-            torch.testing.assert_close(a, e, rtol=1e-3, atol=1e-4, msg=lambda m: f"{key}: {m}")
+            # Adam divides by sqrt(v), so rounding in near-zero gradients moves a few weights by up to ~lr/4 (noisy
+            # layers add such gradients); a different batch or a missed step moves them by ~lr (1e-3)
+            torch.testing.assert_close(a, e, rtol=1e-3, atol=4e-4, msg=lambda m: f"{key}: {m}")
 
 
 def small_args(module, **overrides):

@@ -18,7 +18,7 @@ from benchmark.scripts import ROOT, SCRIPTS, load_script, script_path, training_
 from tests.test_end_to_end import CATCH, run_script
 
 RUN = [*CATCH, "--learning-starts", "100", "--log-every", "50", "--iteration-steps", "200", "--progress-seconds",
-       "1e9", "--no-cuda"]
+       "1e9", "--no-cuda", "--train-frequency", "4", "--eval-episodes", "2"]
 
 
 def start(name, args, output_dir):
@@ -116,6 +116,8 @@ def test_sigkill_in_training_and_in_a_checkpoint_write_then_resume(name, tmp_pat
     summary = json.load(open(os.path.join(run_dir, "summary.json")))
     assert summary["env_steps"] == total and summary["updates"] == (total - learning_starts) // 4
     assert [it["step"] for it in summary["returns_by_iteration"]] == list(range(200, total + 1, 200)) + [total]
+    if "eval_by_iteration" in summary:  # scripts that evaluate after every iteration keep each evaluation
+        assert [it["step"] for it in summary["eval_by_iteration"]] == list(range(200, total + 1, 200)) + [total]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -181,7 +183,7 @@ def corrupt(run_dir, how):
         os.remove(path)
     elif how == "other script":
         state = torch.load(path, weights_only=False)
-        state["script"] = "der_atari100k_gap.py"
+        state["script"] = "another_script.py"
         torch.save(state, path)
 
 
@@ -190,9 +192,9 @@ def corrupt(run_dir, how):
     ("truncated", [], "is corrupt or truncated"),
     ("garbage", [], "is corrupt or truncated"),
     ("missing", [], "no complete checkpoint"),
-    ("other script", [], "was written by der_atari100k_gap.py"),
+    ("other script", [], "was written by another_script.py"),
     (None, ["--scale", "2"], "--scale is 1 in the checkpoint, 2 here"),
-    (None, ["--n-step", "5"], "--n-step is 3 in the checkpoint, 5 here"),
+    (None, ["--gamma", "0.9"], "--gamma is 0.99 in the checkpoint, 0.9 here"),
 ])
 def test_bad_resume_fails_with_one_clear_line(name, how, args, message, finished_run, tmp_path):
     run_dir = str(tmp_path / "run")

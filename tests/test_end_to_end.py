@@ -12,7 +12,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from benchmark.scripts import ROOT, SCRIPTS, load_script, script_path
 
 SHORT_RUN = ["--total-timesteps", "240", "--learning-starts", "120", "--buffer-size", "1000", "--iteration-steps",
-             "100", "--log-every", "40", "--diagnostics-every", "100", "--progress-seconds", "0", "--no-cuda"]
+             "100", "--log-every", "40", "--diagnostics-every", "100", "--progress-seconds", "0", "--no-cuda",
+             "--train-frequency", "4"]  # the flagship's replay ratio in every script (DER's default is 1)
 CATCH = ["--env-backend", "gymnasium", "--env-id", "tests.catch_env:Catch-v0", "--frame-size", "24"]
 
 

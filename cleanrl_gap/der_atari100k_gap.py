@@ -1,0 +1,1059 @@
+"""DER (data-efficient Rainbow) on Atari 100k, with an Impala ResNet encoder and a global-average-pooled bottleneck.
+
+Paper: Sokar & Castro (2025), "Mind the GAP! The Challenges of Scale in Pixel-based Deep RL", Section 5
+("Generalization to other domains", Figure 11, bottom): GAP's gains with scale hold for DER on Atari 100k.
+The value network is the flagship's (rainbow_impala_gap.py), Q(x, .) = psi(pool(phi(x))):
+
+  phi   Impala ResNet (Espeholt et al. 2018) or the Nature CNN, output F in R^{H x W x C}
+  pool  the bottleneck: `flatten` (baseline, H*W*C inputs to psi), `gap` (Section 4, equation 1:
+        g^c = 1/(H*W) sum_ij F^c_ij, C inputs) or `max` (global max pooling, Appendix B.1)
+  psi   NoisyLinear(d, 512*scale) -> ReLU [-> NoisyLinear -> ReLU]*extra -> dueling C51 heads
+
+The agent is Dopamine's DER (`labs/atari_100k/configs/DER.gin`, van Hasselt et al. 2019; the paper's Table 1):
+full_rainbow with noisy nets (factorised Gaussian noise, mu ~ U(+-1/sqrt(fan_in)), sigma = 0.1/sqrt(fan_in)),
+dueling heads and double DQN; C51 (51 atoms on [-10, 10]), 10-step returns, gamma 0.99, prioritized replay as in the
+flagship, Adam(1e-4, eps 1.5e-4), batch 32, one update per agent step, target sync every 2000 steps, 1600 steps
+before learning, no epsilon exploration in training (the noise explores), 100k agent steps in 10 iterations of 10k.
+Environment: no sticky actions, a life loss is terminal for learning (the game goes on; the frame stack restarts as
+at an episode start), 0 to 30 random no-ops at each reset, frame skip 4 with a max over the last two frames, 84x84
+grayscale, stack of 4, 27k-step (108k-frame) episodes, rewards clipped to [-1, 1] for learning only.
+After each iteration (the last one is the end of training) the agent is evaluated on 100 full episodes (life loss
+not terminal), epsilon 0.001, noise off, as one batch of 100 parallel envs that each play one episode (so short
+episodes are not over-counted). summary.json adds `eval_by_iteration`, `eval_return` (the final evaluation, the
+score Atari 100k reports) and `human_normalized_score` ((score - random) / (human - random)).
+
+The 26 games of Atari 100k (Kaiser et al. 2020), accepted by name (`--env-id Pong`) or as `Pong-v5`/`ALE/Pong-v5`:
+Alien, Amidar, Assault, Asterix, BankHeist, BattleZone, Boxing, Breakout, ChopperCommand, CrazyClimber, DemonAttack,
+Freeway, Frostbite, Gopher, Hero, Jamesbond, Kangaroo, Krull, KungFuMaster, MsPacman, Pong, PrivateEye, Qbert,
+RoadRunner, Seaquest, UpNDown.
+
+The replay, the loop, checkpoints (`--checkpoint-every`, atomic; `--resume RUN_DIR`), exit codes (BAD_INPUT 2,
+DIVERGED 3, PREEMPTED 75 after SIGTERM or SIGUSR1), `--compile` and `--cudagraphs` are the flagship's.
+
+Deviations from Dopamine, all small: envpool always takes one no-op more than drawn (so 1 to 31 no-op frames; the
+gymnasium backend takes exactly 0 to 30); the replay holds 100k transitions by default (Dopamine's 1M is "a proxy for
+unbounded": both keep the whole run); the gymnasium backend resizes with torch's area interpolation, not OpenCV's;
+stratified sampling searches block sums instead of a sum tree (same distribution); episode starts are zero-padded
+by masking, not by stored zero frames; a step's updates are queued before its env step (so the device trains while
+the host steps the envs) and so before its transition joins the replay, and acting uses weights one update older
+than Dopamine's.
+"""
+
+import json
+import os
+import math
+import random
+import signal
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run folder's name)"""
+    seed: int = 1
+    """seed of the experiment (torch, numpy, python and the environments)"""
+    torch_deterministic: bool = True
+    """sets `torch.backends.cudnn.deterministic`"""
+    cuda: bool = True
+    """use CUDA when available (`--no-cuda` forces the CPU)"""
+    compile: bool = False
+    """torch.compile the gradient update and the action selection"""
+    cudagraphs: bool = False
+    """capture the gradient update (optimizer step included) and the action selection in CUDA graphs"""
+    output_dir: str = "runs"
+    """where run folders go"""
+    save_model: bool = False
+    """save the online network's weights and the args in the run folder at the end"""
+    checkpoint_every: int = 10_000
+    """agent steps between checkpoints in the run folder (default: every iteration; 0: none)"""
+    checkpoint_replay: bool = True
+    """include the replay in checkpoints (`--no-checkpoint-replay`: smaller; a resumed run refills it first)"""
+    resume: Optional[str] = None
+    """a run folder to continue from its latest complete checkpoint (same script and experiment args)"""
+
+    # environment
+    env_id: str = "Pong"
+    """the game: one of the 26 of Atari 100k by name (`Pong`), envpool's `Pong-v5`, gymnasium's `ALE/Pong-v5`, or
+    (gymnasium backend) any pixel env, `module:Name-v0` included"""
+    env_backend: Literal["envpool", "gymnasium"] = "envpool"
+    """envpool (fast, Atari only) or gymnasium (ale-py, or any gymnasium env with uint8 image observations)"""
+    num_envs: int = 1
+    """environments acting in parallel; updates per agent step stay the same"""
+    frame_size: int = 84
+    """frames are resized to frame_size x frame_size grayscale"""
+    frame_stack: int = 4
+    """frames stacked into one observation"""
+    frame_skip: int = 4
+    """ALE frames per agent step (the max over the last two is observed); non-ALE envs step once"""
+    sticky_action_prob: float = 0.0
+    """ALE sticky actions (repeat_action_probability; Atari 100k uses none)"""
+    max_episode_frames: int = 108_000
+    """ALE episodes are truncated after this many frames (27k agent steps)"""
+    noop_max: int = 30
+    """each reset takes a random number of no-op frames, uniform in [0, noop_max] (ALE games)"""
+    terminal_on_life_loss: bool = True
+    """a lost life ends the episode for learning (terminal, new frame stack) while the game goes on"""
+
+    # network
+    encoder: Literal["impala", "nature"] = "impala"
+    """phi: the Impala ResNet (16, 32, 32 channels) or the Nature CNN of Mnih et al. (2015)"""
+    encoder_scale: float = 1.0
+    """width multiplier of phi's channels"""
+    pooling: Literal["flatten", "gap", "max"] = "gap"
+    """the bottleneck: flatten (baseline), global average pooling (eq. 1) or global max pooling"""
+    scale: int = 1
+    """width multiplier of psi: hidden layers have 512*scale units (1, 2, 4, 8 in the paper)"""
+    extra_dense_layers: int = 0
+    """extra hidden layers in psi (the depth scaling of Figure 8)"""
+    layer_norm: bool = False
+    """LayerNorm before each ReLU of psi (the algorithmic baseline of Figure 10)"""
+    dueling: bool = True
+    """dueling heads (DER)"""
+    noisy: bool = True
+    """noisy linear layers in psi, replacing epsilon-greedy (DER; `--no-noisy` explores epsilon-greedily)"""
+    double_dqn: bool = True
+    """select the next action with the online network (DER)"""
+
+    # algorithm
+    total_timesteps: int = 100_000
+    """agent steps in total (x frame_skip = frames; Atari 100k: 100k steps = 400k frames)"""
+    iteration_steps: int = 10_000
+    """agent steps per iteration; each ends with an evaluation"""
+    learning_rate: float = 1e-4
+    """Adam's learning rate"""
+    adam_eps: float = 1.5e-4
+    """Adam's epsilon"""
+    weight_decay: float = 0.0
+    """decoupled weight decay (AdamW), an algorithmic baseline of Figure 10"""
+    buffer_size: int = 100_000
+    """replay capacity in transitions (the default keeps the whole 100k-step run)"""
+    gamma: float = 0.99
+    """discount factor"""
+    n_step: int = 10
+    """n of the n-step returns"""
+    num_atoms: int = 51
+    """atoms of the C51 distribution"""
+    v_max: float = 10.0
+    """the support is [-v_max, v_max]"""
+    batch_size: int = 32
+    """transitions per gradient update"""
+    train_frequency: int = 1
+    """agent steps per gradient update (replay ratio 1/train_frequency)"""
+    target_network_frequency: int = 2000
+    """agent steps between hard target-network updates"""
+    learning_starts: int = 1600
+    """agent steps before learning starts"""
+    end_e: float = 0.01
+    """final exploration epsilon"""
+    epsilon_decay_steps: int = 2000
+    """agent steps over which epsilon decays linearly to end_e, counted from learning_starts"""
+    eval_epsilon: float = 0.001
+    """epsilon during evaluation"""
+    eval_episodes: int = 100
+    """episodes evaluated after each iteration, in parallel envs (0: none; Atari 100k reports the final one)"""
+
+    # diagnostics and logging
+    diagnostics_every: int = 10_000
+    """agent steps between the paper's diagnostics (dormant neurons, bottleneck feature norm)"""
+    diagnostics_batch_size: int = 256
+    """size of the fixed replay batch the diagnostics are measured on"""
+    dormant_tau: float = 0.001
+    """a neuron is dormant when its normalised mean activation is at most tau (Sokar et al. 2023)"""
+    log_every: int = 1000
+    """agent steps between reads of the device-side loss statistics"""
+    progress_seconds: float = 10.0
+    """seconds between progress lines"""
+
+
+BAD_INPUT, DIVERGED, PREEMPTED = 2, 3, 75  # exit codes; 75 (EX_TEMPFAIL): checkpointed on SIGTERM/SIGUSR1, resume it
+
+
+def fail(message: str, code: int = BAD_INPUT):
+    """Stop with one clear line and a non-zero exit, without a traceback."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+def validate_args(args: Args):
+    for name in ["num_envs", "frame_size", "frame_stack", "frame_skip", "max_episode_frames", "scale", "v_max",
+                 "encoder_scale", "total_timesteps", "iteration_steps", "buffer_size", "n_step", "batch_size",
+                 "train_frequency", "target_network_frequency", "learning_rate", "adam_eps", "diagnostics_every",
+                 "diagnostics_batch_size", "log_every"]:
+        if not getattr(args, name) > 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ["extra_dense_layers", "learning_starts", "eval_episodes", "weight_decay", "checkpoint_every",
+                 "noop_max"]:
+        if getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
+    if args.num_atoms < 2 or not 0.0 <= args.gamma <= 1.0 or not 0.0 <= args.sticky_action_prob <= 1.0:
+        fail("--num-atoms must be at least 2, --gamma and --sticky-action-prob within [0, 1]")
+    if args.buffer_size // args.num_envs <= args.n_step + args.frame_stack:
+        fail(f"--buffer-size {args.buffer_size} is too small for {args.num_envs} envs, n-step {args.n_step} "
+             f"and a stack of {args.frame_stack}")
+
+
+# random and human scores of the 26 games (the table rliable uses), for the human-normalised score
+ATARI_100K_SCORES = {
+    "Alien": (227.8, 7127.7), "Amidar": (5.8, 1719.5), "Assault": (222.4, 742.0), "Asterix": (210.0, 8503.3),
+    "BankHeist": (14.2, 753.1), "BattleZone": (2360.0, 37187.5), "Boxing": (0.1, 12.1), "Breakout": (1.7, 30.5),
+    "ChopperCommand": (811.0, 7387.8), "CrazyClimber": (10780.5, 35829.4), "DemonAttack": (152.1, 1971.0),
+    "Freeway": (0.0, 29.6), "Frostbite": (65.2, 4334.7), "Gopher": (257.6, 2412.5), "Hero": (1027.0, 30826.4),
+    "Jamesbond": (29.0, 302.8), "Kangaroo": (52.0, 3035.0), "Krull": (1598.0, 2665.5),
+    "KungFuMaster": (258.5, 22736.3), "MsPacman": (307.3, 6951.6), "Pong": (-20.7, 14.6),
+    "PrivateEye": (24.9, 69571.3), "Qbert": (163.9, 13455.0), "RoadRunner": (11.5, 7845.0),
+    "Seaquest": (68.4, 42054.7), "UpNDown": (533.4, 11693.2),
+}
+
+
+def human_normalized_score(env_id: str, score: Optional[float]) -> Optional[float]:
+    game = env_id.removeprefix("ALE/").removesuffix("-v5")
+    if score is None or game not in ATARI_100K_SCORES:
+        return None
+    random_score, human_score = ATARI_100K_SCORES[game]
+    return (score - random_score) / (human_score - random_score)
+
+
+# Environments: reset() -> frames (num_envs, size, size) uint8; step(actions) -> frames, rewards, terminated,
+# truncated, life_lost. An env that ends is reset at once and returns its new episode's first frame (the final frame
+# is never needed: a terminal does not bootstrap and a truncated window is never sampled). A lost life does not end
+# the game: the loop decides whether it is terminal for learning.
+def to_gray_frame(obs: np.ndarray, size: int) -> np.ndarray:
+    """An HxW or HxWxC uint8 image as a size x size grayscale uint8 frame (area interpolation)."""
+    if obs.ndim == 3:
+        if obs.shape[-1] >= 3:
+            obs = obs[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        else:
+            obs = obs[..., 0]
+    if obs.shape != (size, size):
+        image = torch.from_numpy(np.ascontiguousarray(obs, dtype=np.float32))[None, None]
+        obs = F.interpolate(image, size=(size, size), mode="area")[0, 0].numpy()
+    return np.asarray(np.round(obs) if obs.dtype != np.uint8 else obs).astype(np.uint8)
+
+
+class EnvpoolAtari:
+    def __init__(self, env_id: str, num_envs: int, seed: int, args: Args):
+        import envpool
+
+        self.envs = envpool.make(
+            env_id, env_type="gymnasium", num_envs=num_envs, seed=seed, img_height=args.frame_size,
+            img_width=args.frame_size, stack_num=1, gray_scale=True, frame_skip=args.frame_skip,
+            repeat_action_probability=args.sticky_action_prob, noop_max=args.noop_max + 1, use_fire_reset=False,
+            episodic_life=False, reward_clip=False, full_action_space=False,
+            max_episode_steps=args.max_episode_frames // args.frame_skip)
+        self.num_actions = int(self.envs.action_space.n)
+        self.frames_per_step = args.frame_skip
+
+    def reset(self) -> np.ndarray:
+        obs, info = self.envs.reset()
+        self.lives = np.array(info["lives"])
+        return np.array(obs[:, 0])
+
+    def step(self, actions: np.ndarray):
+        obs, rewards, terminated, truncated, info = self.envs.step(actions.astype(np.int32))
+        frames = np.array(obs[:, 0])
+        life_lost = (info["lives"] < self.lives) & ~terminated
+        self.lives = np.array(info["lives"])
+        ended = np.flatnonzero(terminated | truncated)
+        if len(ended):  # envpool would reset on the next step, ignoring its action: reset now instead
+            reset_obs, reset_info = self.envs.reset(ended)
+            frames[ended] = reset_obs[:, 0]
+            self.lives[ended] = reset_info["lives"]
+        return frames, rewards.astype(np.float32), terminated.astype(bool), truncated.astype(bool), life_lost.astype(bool)
+
+    def close(self):
+        self.envs.close()
+
+
+class GymnasiumPixels:
+    """N gymnasium envs stepped in turn; ALE envs get Dopamine's frame skip with a max over the last two, and random
+    no-op starts."""
+
+    def __init__(self, env_id: str, num_envs: int, seed: int, args: Args, is_ale: bool):
+        import gymnasium as gym
+
+        kwargs = {} if not is_ale else dict(
+            frameskip=1, repeat_action_probability=args.sticky_action_prob, obs_type="grayscale",
+            full_action_space=False, max_num_frames_per_episode=args.max_episode_frames)
+        self.envs = [gym.make(env_id, **kwargs) for _ in range(num_envs)]
+        self.skip = self.frames_per_step = args.frame_skip if is_ale else 1
+        self.size, self.seed, self.num_actions = args.frame_size, seed, int(self.envs[0].action_space.n)
+        self.noop_max, self.noop_rng = args.noop_max if is_ale else 0, np.random.default_rng(seed)
+        self.lives = np.zeros(num_envs)
+
+    def _reset_one(self, i: int, seed: Optional[int] = None) -> np.ndarray:
+        obs, info = self.envs[i].reset(seed=seed)
+        for _ in range(self.noop_rng.integers(0, self.noop_max + 1)):  # ALE's action 0 is NOOP
+            obs, _, terminated, truncated, info = self.envs[i].step(0)
+            if terminated or truncated:
+                obs, info = self.envs[i].reset()
+        self.lives[i] = info.get("lives", 0)
+        return to_gray_frame(obs, self.size)
+
+    def reset(self) -> np.ndarray:
+        return np.stack([self._reset_one(i, self.seed + i) for i in range(len(self.envs))])
+
+    def step(self, actions: np.ndarray):
+        n = len(self.envs)
+        frames, rewards = [], np.zeros(n, np.float32)
+        terminated, truncated, life_lost = np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool)
+        for i, env in enumerate(self.envs):
+            last_two = []
+            for k in range(self.skip):
+                obs, reward, term, trunc, info = env.step(int(actions[i]))
+                rewards[i] += reward
+                if k >= self.skip - 2:
+                    last_two.append(obs)
+                if term or trunc:
+                    terminated[i], truncated[i] = term, trunc and not term
+                    break
+            life_lost[i] = info.get("lives", 0) < self.lives[i] and not terminated[i]
+            self.lives[i] = info.get("lives", 0)
+            frames.append(self._reset_one(i) if terminated[i] or truncated[i]
+                          else to_gray_frame(np.maximum.reduce(last_two), self.size))
+        return np.stack(frames), rewards, terminated, truncated, life_lost
+
+    def close(self):
+        for env in self.envs:
+            env.close()
+
+
+def make_env(args: Args, num_envs: Optional[int] = None, seed: Optional[int] = None):
+    """The vectorised pixel environment for `args.env_id`, or one clear error line."""
+    num_envs = args.num_envs if num_envs is None else num_envs
+    seed = args.seed if seed is None else seed
+    env_id = f"{args.env_id}-v5" if args.env_id in ATARI_100K_SCORES else args.env_id
+    if args.env_backend == "envpool":
+        import envpool
+
+        if ":" in env_id:
+            fail(f"'{env_id}' is a gymnasium entry point: use --env-backend gymnasium")
+        env_id = env_id.removeprefix("ALE/")
+        if env_id not in envpool.list_all_envs():
+            fail(f"unknown env id '{args.env_id}' for envpool (Atari ids look like Pong-v5)")
+        with warnings.catch_warnings():  # gymnasium warns about non-Atari specs' float64 bounds
+            warnings.simplefilter("ignore")
+            obs_space = envpool.make_spec(env_id).observation_space
+        if len(obs_space.shape) != 3 or not env_id.endswith("-v5"):
+            fail(f"'{args.env_id}' is not a pixel-based Atari env; this script needs image observations")
+        return EnvpoolAtari(env_id, num_envs, seed, args)
+
+    import gymnasium as gym
+    import ale_py
+
+    gym.register_envs(ale_py)
+    if ":" in env_id and os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())  # `module:Name` resolves from the working directory, as with `python -m`
+    if ":" not in env_id and "/" not in env_id and f"ALE/{env_id}" in gym.registry:
+        env_id = f"ALE/{env_id}"
+    try:
+        probe = gym.make(env_id)
+    except Exception as error:  # gymnasium raises several types for unknown ids and modules
+        fail(f"cannot make env '{args.env_id}': {str(error).splitlines()[0] if str(error) else type(error).__name__}")
+    obs_space, action_space = probe.observation_space, probe.action_space
+    probe.close()
+    if not isinstance(action_space, gym.spaces.Discrete):
+        fail(f"'{args.env_id}' has {type(action_space).__name__} actions; this script needs discrete actions")
+    if not (isinstance(obs_space, gym.spaces.Box) and obs_space.dtype == np.uint8 and (
+            len(obs_space.shape) == 2 or (len(obs_space.shape) == 3 and obs_space.shape[-1] in (1, 3, 4)))):
+        fail(f"'{args.env_id}' does not give uint8 image observations (HxW or HxWxC), got {obs_space}")
+    return GymnasiumPixels(env_id, num_envs, seed, args, is_ale=env_id.startswith("ALE/"))
+
+
+# Network: phi (encoder) -> bottleneck pooling -> psi (dense layers)
+def pad_same(x: torch.Tensor, kernel: int, stride: int, value: float = 0.0) -> torch.Tensor:
+    """TensorFlow/flax 'SAME' padding (extra row/column at the bottom/right), as Dopamine's networks use."""
+    pads = []
+    for size in (x.shape[-1], x.shape[-2]):
+        total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+        pads += [total // 2, total - total // 2]
+    return F.pad(x, pads, value=value)
+
+
+def lecun_normal_(weight: torch.Tensor):
+    """flax's default kernel initialiser: truncated normal at 2 std, variance 1/fan_in."""
+    std = (weight[0].numel() ** -0.5) / 0.87962566103423978  # the truncation shrinks the std by this factor
+    nn.init.trunc_normal_(weight, 0.0, std, -2 * std, 2 * std)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.relu0, self.conv0 = nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1)
+        self.relu1, self.conv1 = nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1)
+        for conv in (self.conv0, self.conv1):  # flax's default, as in Dopamine's Stack
+            lecun_normal_(conv.weight), nn.init.zeros_(conv.bias)
+
+    def forward(self, x):
+        return x + self.conv1(self.relu1(self.conv0(self.relu0(x))))
+
+
+class ImpalaStack(nn.Module):
+    def __init__(self, in_channels: int, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, channels, 3, padding=1)
+        nn.init.xavier_uniform_(self.conv.weight), nn.init.zeros_(self.conv.bias)
+        self.blocks = nn.Sequential(ResidualBlock(channels), ResidualBlock(channels))
+
+    def forward(self, x):
+        x = F.max_pool2d(pad_same(self.conv(x), 3, 2, float("-inf")), 3, 2)
+        return self.blocks(x)
+
+
+class ImpalaEncoder(nn.Module):
+    def __init__(self, in_channels: int, scale: float):
+        super().__init__()
+        widths = [max(1, round(c * scale)) for c in (16, 32, 32)]
+        self.stacks = nn.Sequential(*[ImpalaStack(i, o) for i, o in zip([in_channels] + widths[:-1], widths)])
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.stacks(x))
+
+
+class NatureEncoder(nn.Module):
+    def __init__(self, in_channels: int, scale: float):
+        super().__init__()
+        c1, c2 = max(1, round(32 * scale)), max(1, round(64 * scale))
+        self.specs = [(8, 4), (4, 2), (3, 1)]
+        self.convs = nn.ModuleList([nn.Conv2d(in_channels, c1, 8, 4), nn.Conv2d(c1, c2, 4, 2), nn.Conv2d(c2, c2, 3, 1)])
+        self.relus = nn.ModuleList([nn.ReLU() for _ in self.convs])
+        for conv in self.convs:  # Dopamine's RainbowNetwork: variance_scaling(1/sqrt(3), fan_in, uniform)
+            bound = (3**0.5 / conv.weight[0].numel()) ** 0.5
+            nn.init.uniform_(conv.weight, -bound, bound), nn.init.zeros_(conv.bias)
+
+    def forward(self, x):
+        for (kernel, stride), conv, relu in zip(self.specs, self.convs, self.relus):
+            x = relu(conv(pad_same(x, kernel, stride)))
+        return x
+
+
+class Bottleneck(nn.Module):
+    """How phi's H x W x C output reaches psi: flattened (H*W*C) or pooled over H x W (C)."""
+
+    def __init__(self, pooling: str):
+        super().__init__()
+        self.pooling = pooling
+
+    def forward(self, features):
+        if self.pooling == "gap":
+            return features.mean(dim=(2, 3))
+        if self.pooling == "max":
+            return features.amax(dim=(2, 3))
+        return features.flatten(1)
+
+
+class NoisyLinear(nn.Module):
+    """Factorised Gaussian noisy layer (Fortunato et al. 2018) with Dopamine's initialisation."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        bound, sigma = in_features**-0.5, 0.1 * in_features**-0.5
+        self.weight = nn.Parameter(torch.empty(out_features, in_features).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(out_features).uniform_(-bound, bound))
+        self.weight_sigma = nn.Parameter(torch.full((out_features, in_features), sigma))
+        self.bias_sigma = nn.Parameter(torch.full((out_features,), sigma))
+
+    def forward(self, x):
+        if not self.training:
+            return F.linear(x, self.weight, self.bias)
+        f = lambda e: e.sign() * e.abs().sqrt()
+        eps_in = f(torch.randn(self.weight.shape[1], device=x.device))
+        eps_out = f(torch.randn(self.weight.shape[0], device=x.device))
+        weight = self.weight + self.weight_sigma * torch.outer(eps_out, eps_in)
+        return F.linear(x, weight, self.bias + self.bias_sigma * eps_out)
+
+
+def dense(in_features: int, out_features: int, noisy: bool) -> nn.Module:
+    if noisy:
+        return NoisyLinear(in_features, out_features)
+    layer = nn.Linear(in_features, out_features)
+    nn.init.xavier_uniform_(layer.weight), nn.init.zeros_(layer.bias)
+    return layer
+
+
+class QNetwork(nn.Module):
+    """psi(pool(phi(x))) returning C51 logits of shape (batch, actions, atoms)."""
+
+    def __init__(self, num_actions: int, args: Args):
+        super().__init__()
+        self.num_actions, self.num_atoms, self.dueling = num_actions, args.num_atoms, args.dueling
+        encoder_cls = ImpalaEncoder if args.encoder == "impala" else NatureEncoder
+        self.phi = encoder_cls(args.frame_stack, args.encoder_scale)
+        self.pool = Bottleneck(args.pooling)
+        with torch.no_grad():
+            self.feature_shape = tuple(self.phi(torch.zeros(1, args.frame_stack, args.frame_size, args.frame_size)).shape[1:])
+        bottleneck_inputs = self.pool(torch.zeros(1, *self.feature_shape)).shape[1]
+        width = 512 * args.scale
+        layers = []
+        for i in range(1 + args.extra_dense_layers):
+            layers.append(dense(bottleneck_inputs if i == 0 else width, width, args.noisy))
+            if args.layer_norm:
+                layers.append(nn.LayerNorm(width))
+            layers.append(nn.ReLU())
+        self.psi = nn.Sequential(*layers)
+        self.bottleneck = layers[0]  # the weights joining phi's (pooled) output to psi
+        self.head = dense(width, num_actions * args.num_atoms, args.noisy)
+        self.value_head = dense(width, args.num_atoms, args.noisy) if args.dueling else None
+        self.register_buffer("support", torch.linspace(-args.v_max, args.v_max, args.num_atoms))
+        c, h, w = self.feature_shape
+        self.description = f"{args.encoder} phi -> {h}x{w}x{c} -> {args.pooling} -> {bottleneck_inputs} -> psi {width}"
+
+    def bottleneck_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.phi(x.float() / 255.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.psi(self.bottleneck_features(x))
+        logits = self.head(hidden).view(-1, self.num_actions, self.num_atoms)
+        if self.dueling:
+            logits = self.value_head(hidden).unsqueeze(1) + logits - logits.mean(dim=1, keepdim=True)
+        return logits
+
+    def q_values(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.forward(x).softmax(-1) * self.support).sum(-1)
+
+
+def project_distribution(target_support: torch.Tensor, probs: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+    """C51 projection of `probs` on `target_support` (batch, atoms) onto the fixed `support` (Dopamine's form)."""
+    delta = support[1] - support[0]
+    clipped = target_support.clamp(support[0], support[-1])
+    weights = (1.0 - (clipped.unsqueeze(1) - support.view(1, -1, 1)).abs() / delta).clamp(0.0, 1.0)
+    return (weights * probs.unsqueeze(1)).sum(-1)
+
+
+def linear_schedule(step: int, learning_starts: int, decay_steps: int, end_e: float) -> float:
+    """Dopamine's linearly_decaying_epsilon: 1 until learning starts, then linear to end_e."""
+    steps_left = decay_steps + learning_starts - step
+    return end_e + min(max((1.0 - end_e) * steps_left / decay_steps, 0.0), 1.0 - end_e)
+
+
+@torch.no_grad()
+def dormant_fractions(net: QNetwork, obs: torch.Tensor, tau: float) -> dict:
+    """Fraction of dormant neurons in phi and psi (Sokar et al. 2023): a unit (channel for convs) is dormant when
+    its mean |activation| over the batch, divided by its layer's average, is at most tau."""
+    activations = {"phi": [], "psi": []}
+    hooks = [module.register_forward_hook(lambda m, i, o, part=part: activations[part].append(o))
+             for part in ("phi", "psi") for module in getattr(net, part).modules() if isinstance(module, nn.ReLU)]
+    net(obs)
+    for hook in hooks:
+        hook.remove()
+    result = {}
+    for part, outputs in activations.items():
+        scores = [o.abs().mean(dim=(0, 2, 3)) if o.dim() == 4 else o.abs().mean(dim=0) for o in outputs]
+        dormant = [(score / (score.mean() + 1e-9) <= tau) for score in scores]  # normalised per layer
+        result[part] = float(sum(d.sum() for d in dormant)) / max(sum(d.numel() for d in dormant), 1)
+    return result
+
+
+# Replay on the device: each env owns a circular stream of `capacity` slots; slot t holds the frame seen at t,
+# the action taken, the clipped reward, and whether the episode ended (terminal or truncated) at t.
+class DeviceReplay:
+    block = 1024  # prioritized sampling searches block sums, then one block
+
+    @staticmethod
+    def bytes_needed(buffer_size: int, frame_size: int) -> int:
+        return buffer_size * (frame_size * frame_size + 4 + 4 + 1 + 1 + 4)
+
+    def __init__(self, buffer_size: int, num_envs: int, frame_size: int, stack: int, n_step: int, gamma: float,
+                 device: torch.device):
+        self.num_envs, self.capacity = num_envs, buffer_size // num_envs
+        self.stack, self.n_step, self.device = stack, n_step, device
+        size = self.num_envs * self.capacity
+        self.frames = torch.zeros(size, frame_size, frame_size, dtype=torch.uint8, device=device)
+        self.actions = torch.zeros(size, dtype=torch.int32, device=device)
+        self.rewards = torch.zeros(size, dtype=torch.float32, device=device)
+        self.terminal = torch.zeros(size, dtype=torch.bool, device=device)
+        # unwritten slots count as episode ends, so the stream's first stack is zero-padded
+        self.episode_end = torch.ones(size, dtype=torch.bool, device=device)
+        self.num_blocks = -(-size // self.block)
+        self.priorities = torch.zeros(self.num_blocks * self.block, dtype=torch.float32, device=device)
+        self.max_priority = torch.ones((), device=device)
+        self.discounts = gamma ** torch.arange(n_step + 1, dtype=torch.float32, device=device)
+        self.env_offset = torch.arange(num_envs, device=device) * self.capacity
+        self.cursor, self.adds = 0, 0
+
+    def add(self, frames, actions, rewards, terminated, truncated):
+        """Append one step for every env (tensors of shape (num_envs, ...) on the device)."""
+        slot = self.env_offset + self.cursor
+        self.frames[slot] = frames
+        self.actions[slot] = actions.int()
+        self.rewards[slot] = rewards
+        self.terminal[slot] = terminated
+        self.episode_end[slot] = terminated | truncated
+        # this slot and the next ones, whose frame history now begins with this step's (newer) frame, are unsampleable
+        later = (self.cursor + torch.arange(self.stack, device=self.device)) % self.capacity
+        self.priorities[(self.env_offset.unsqueeze(1) + later).flatten()] = 0.0
+        self.adds += 1
+        self.cursor = (self.cursor + 1) % self.capacity
+        if self.adds > self.n_step:  # the slot n steps back now has its whole n-step future
+            start = self.env_offset + (self.cursor - 1 - self.n_step) % self.capacity
+            window = (start.unsqueeze(1) - self.env_offset.unsqueeze(1) + torch.arange(self.n_step, device=self.device)
+                      ) % self.capacity + self.env_offset.unsqueeze(1)
+            ends, terminal = self.episode_end[window], self.terminal[window]
+            ended_before = torch.cumsum(ends.int(), 1) - ends.int() > 0
+            truncated_first = (ends & ~terminal & ~ended_before).any(1)
+            self.priorities[start] = torch.where(truncated_first, 0.0, self.max_priority)
+
+    def state_dict(self, with_contents: bool) -> dict:
+        if not with_contents:  # the resumed run starts from an empty replay
+            return dict(max_priority=self.max_priority.cpu(), cursor=0, adds=0)
+        names = ["frames", "actions", "rewards", "terminal", "episode_end", "priorities", "max_priority"]
+        return dict({name: getattr(self, name).cpu() for name in names}, cursor=self.cursor, adds=self.adds)
+
+    def load_state_dict(self, state: dict):
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor):
+                getattr(self, name).copy_(value)  # in place, so the tensors keep their (graph-captured) addresses
+        self.cursor, self.adds = state["cursor"], state["adds"]
+
+    def end_streams(self):
+        """End every env's stream with a truncation where an episode was running (a resumed run's envs start new
+        episodes): no stack or n-step window reaches across."""
+        if self.adds == 0:
+            return
+        last = self.env_offset + (self.cursor - 1) % self.capacity
+        running = ~self.terminal[last]
+        self.episode_end[last] = True
+        window = self.env_offset.unsqueeze(1) + (self.cursor - 1 - torch.arange(self.n_step, device=self.device)) % self.capacity
+        self.priorities[window] = torch.where(running.unsqueeze(1), 0.0, self.priorities[window])
+
+    def _stacks(self, index: torch.Tensor) -> torch.Tensor:
+        """Frame stacks ending at flat `index`, zeroing frames from before each episode's start."""
+        env = index // self.capacity
+        offsets = torch.arange(self.stack - 1, -1, -1, device=self.device)
+        history = (index.unsqueeze(1) - env.unsqueeze(1) * self.capacity - offsets) % self.capacity
+        history = history + env.unsqueeze(1) * self.capacity
+        ends = self.episode_end[history[:, :-1]].int()
+        blocked = torch.flip(torch.cummax(torch.flip(ends, [1]), 1).values, [1]) > 0
+        visible = torch.cat([~blocked, torch.ones_like(blocked[:, :1])], 1)
+        return self.frames[history] * visible[:, :, None, None]
+
+    def sample(self, batch_size: int) -> dict:
+        """Stratified prioritized sample: obs, actions, n-step returns and discounts, next obs, probabilities."""
+        blocks = self.priorities.view(self.num_blocks, self.block)
+        block_sums = blocks.sum(1, dtype=torch.float64)
+        cumulative = block_sums.cumsum(0)
+        total = cumulative[-1]
+        targets = (torch.arange(batch_size, device=self.device) + torch.rand(batch_size, device=self.device,
+                   dtype=torch.float64)) / batch_size * total
+        targets = torch.minimum(targets, total * (1 - 1e-9))
+        block = torch.searchsorted(cumulative, targets.unsqueeze(1), right=True).squeeze(1).clamp(max=self.num_blocks - 1)
+        residual = targets - (cumulative[block] - block_sums[block])
+        inner = blocks[block].double().cumsum(1)
+        residual = torch.minimum(residual.clamp(min=0.0), inner[:, -1] * (1 - 1e-9))
+        position = torch.searchsorted(inner, residual.unsqueeze(1), right=True).squeeze(1).clamp(max=self.block - 1)
+        index = block * self.block + position
+
+        env = index // self.capacity
+        steps = torch.arange(self.n_step, device=self.device)
+        window = (index.unsqueeze(1) - env.unsqueeze(1) * self.capacity + steps) % self.capacity + env.unsqueeze(1) * self.capacity
+        ends = self.episode_end[window].float()
+        alive = torch.cat([torch.ones_like(ends[:, :1]), torch.cumprod(1.0 - ends, 1)[:, :-1]], 1)
+        returns = (self.rewards[window] * alive * self.discounts[:-1]).sum(1)
+        not_done = torch.cumprod(1.0 - ends, 1)[:, -1]
+        next_index = (index - env * self.capacity + self.n_step) % self.capacity + env * self.capacity
+        return dict(index=index, obs=self._stacks(index), actions=self.actions[index].long(), returns=returns,
+                    discounts=self.discounts[-1] * not_done, next_obs=self._stacks(next_index),
+                    probs=(self.priorities[index] / total).float())
+
+    def update_priorities(self, index: torch.Tensor, priorities: torch.Tensor):
+        self.priorities[index] = priorities
+        torch.maximum(self.max_priority, priorities.max(), out=self.max_priority)  # in place: CUDA graphs keep addresses
+
+
+def check_replay_fits(args: Args, device: torch.device):
+    needed = DeviceReplay.bytes_needed(args.buffer_size, args.frame_size)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        with open("/proc/meminfo") as meminfo:
+            free = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable"))
+    where = f"{device.type} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu (host RAM)"
+    print(f"replay: {args.buffer_size:,} transitions, {needed / 1e9:.2f} GB on {where}, {free / 1e9:.1f} GB free")
+    if needed > 0.9 * free:
+        fail(f"the replay needs {needed / 1e9:.2f} GB but only {free / 1e9:.1f} GB is free on {where}; "
+             f"lower --buffer-size (each transition takes {needed / args.buffer_size:.0f} bytes)")
+
+
+# Training
+def select_actions(net: QNetwork, obs: torch.Tensor, epsilon) -> torch.Tensor:
+    """Epsilon-greedy on the device (epsilon is a device scalar, so nothing waits for the host)."""
+    with torch.no_grad():
+        greedy = net.q_values(obs).argmax(1)
+    random_actions = torch.randint(0, net.num_actions, greedy.shape, device=obs.device)
+    return torch.where(torch.rand(greedy.shape, device=obs.device) < epsilon, random_actions, greedy)
+
+
+def importance_weights(probs: torch.Tensor) -> torch.Tensor:
+    """Dopamine's prioritized-replay correction: 1/sqrt(p), divided by its batch maximum."""
+    weights = 1.0 / torch.sqrt(probs + 1e-10)
+    return weights / weights.max()
+
+
+def advance_stack(obs: torch.Tensor, frames: torch.Tensor, ended: torch.Tensor) -> torch.Tensor:
+    """Push each env's new frame onto its stack; an env whose episode ended starts again from zeros."""
+    obs = torch.roll(obs, -1, 1) * ~ended.view(-1, 1, 1, 1)
+    obs[:, -1] = frames
+    return obs
+
+
+def c51_losses(net: QNetwork, target_net: QNetwork, batch: dict, double_dqn: bool):
+    """Per-sample cross-entropy between the projected n-step target and the online distribution."""
+    logits = net(batch["obs"])
+    chosen = logits[torch.arange(logits.shape[0], device=logits.device), batch["actions"]]
+    with torch.no_grad():
+        next_probs = target_net(batch["next_obs"]).softmax(-1)
+        selector = net(batch["next_obs"]).softmax(-1) if double_dqn else next_probs
+        next_action = (selector * net.support).sum(-1).argmax(1)
+        next_dist = next_probs[torch.arange(next_probs.shape[0], device=logits.device), next_action]
+        target_support = batch["returns"].unsqueeze(1) + batch["discounts"].unsqueeze(1) * net.support
+        target = project_distribution(target_support, next_dist, net.support)
+    losses = -(target * chosen.log_softmax(-1)).sum(-1)
+    q_taken = (chosen.detach().softmax(-1) * net.support).sum(-1)
+    return losses, q_taken
+
+
+def make_optimizer(net: QNetwork, args: Args) -> torch.optim.Optimizer:
+    """Adam (AdamW with weight_decay 0 is Adam); on CUDA the fused kernel, one launch instead of dozens."""
+    on_cuda = next(net.parameters()).is_cuda
+    return torch.optim.AdamW(net.parameters(), lr=args.learning_rate, eps=args.adam_eps, weight_decay=args.weight_decay,
+                             fused=on_cuda or None, capturable=args.cudagraphs)
+
+
+def make_update(net: QNetwork, target_net: QNetwork, optimizer, replay: DeviceReplay, args: Args, stats: torch.Tensor):
+    """One gradient update, all on the device: sample, weighted C51 loss, optimizer step, new priorities, and the
+    running sums of loss and Q-value into `stats`."""
+    def update():
+        batch = replay.sample(args.batch_size)
+        losses, q_taken = c51_losses(net, target_net, batch, args.double_dqn)
+        loss = (losses * importance_weights(batch["probs"])).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        replay.update_priorities(batch["index"], torch.sqrt(losses.detach() + 1e-10))
+        stats.add_(torch.stack([losses.detach().mean(), q_taken.mean()]))
+    return update
+
+
+class CudaGraphed:
+    """fn(*tensors) run eagerly on a side stream for its first calls (lazy state, compilation), then captured once in
+    a CUDA graph and replayed: inputs are copied into static buffers, the output is the graph's static tensor. Every
+    call is a real call (capturing runs nothing)."""
+
+    def __init__(self, fn, warmup_calls: int = 3):
+        self.fn, self.warmup_calls, self.graph = fn, warmup_calls, None
+
+    def __call__(self, *inputs):
+        if self.graph is None and self.warmup_calls > 0:
+            self.warmup_calls -= 1
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                output = self.fn(*inputs)
+            torch.cuda.current_stream().wait_stream(stream)
+            return output
+        if self.graph is None:
+            self.static_inputs, self.graph = [x.clone() for x in inputs], torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.static_output = self.fn(*self.static_inputs)
+        [static.copy_(x) for static, x in zip(self.static_inputs, inputs)]
+        self.graph.replay()
+        return self.static_output
+
+
+def accelerated(fn, args: Args):
+    fn = torch.compile(fn) if args.compile else fn
+    return CudaGraphed(fn) if args.cudagraphs else fn
+
+
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Host to device without waiting for the work queued on the device (pinned memory, asynchronous copy)."""
+    tensor = torch.from_numpy(array)
+    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
+
+
+# args that may change when a run is resumed; the others define the experiment and must match the checkpoint's
+RUN_CONTROL_ARGS = {"resume", "total_timesteps", "output_dir", "cuda", "compile", "cudagraphs", "save_model",
+                    "eval_episodes", "log_every", "progress_seconds", "checkpoint_every", "checkpoint_replay"}
+
+
+def training_state(net, target_net, optimizer, replay: DeviceReplay, args: Args, loop: dict) -> dict:
+    """What a run needs to go on where it stands; the envs restart (see DeviceReplay.end_streams)."""
+    rng = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
+               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    return dict(script=os.path.basename(__file__), args=asdict(args), loop=loop, net=net.state_dict(),
+                target_net=target_net.state_dict(), optimizer=optimizer.state_dict(),
+                replay=replay.state_dict(args.checkpoint_replay), rng=rng)
+
+
+def restore_training_state(state: dict, net, target_net, optimizer, replay: DeviceReplay) -> dict:
+    net.load_state_dict(state["net"])
+    target_net.load_state_dict(state["target_net"])
+    optimizer.load_state_dict(state["optimizer"])
+    replay.load_state_dict(state["replay"])
+    torch.set_rng_state(state["rng"]["torch"]), np.random.set_state(state["rng"]["numpy"])
+    random.setstate(state["rng"]["python"])
+    if state["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state["loop"]
+
+
+def write_atomically(state: dict, path: str):
+    """Write, flush and fsync a temporary file, then rename it: `path` always holds a complete checkpoint."""
+    with open(path + ".tmp", "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    os.fsync(folder)  # makes the rename itself durable
+    os.close(folder)
+
+
+def read_checkpoint(run_dir: str, args: Args) -> dict:
+    """The run folder's checkpoint, if this script wrote it with the same experiment args; else one clear error."""
+    path = os.path.join(run_dir, "checkpoint.pt")
+    if not os.path.isfile(path):
+        fail(f"cannot resume: no complete checkpoint in '{run_dir}' (no checkpoint.pt)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # no second replay in memory
+        script, saved_args = state["script"], state["args"]
+    except Exception as error:  # truncated or corrupt files fail in pickle, zipfile or torch
+        fail(f"cannot resume: {path} is corrupt or truncated ({type(error).__name__})")
+    if script != os.path.basename(__file__):
+        fail(f"cannot resume: {path} was written by {script}, not {os.path.basename(__file__)}")
+    for name, value in asdict(args).items():
+        if name not in RUN_CONTROL_ARGS and saved_args.get(name) != value:
+            fail(f"cannot resume: --{name.replace('_', '-')} is {saved_args.get(name)} in the checkpoint, {value} here")
+    return state
+
+
+def evaluate(net: QNetwork, args: Args, device: torch.device, seed: int) -> list:
+    """`eval_episodes` full games (a lost life is not terminal), one in each of as many parallel envs, so that short
+    episodes are not over-counted; epsilon `eval_epsilon`, noise off."""
+    envs = make_env(args, num_envs=args.eval_episodes, seed=seed)
+    net.eval()
+    obs = torch.zeros(args.eval_episodes, args.frame_stack, args.frame_size, args.frame_size, dtype=torch.uint8,
+                      device=device)
+    obs[:, -1] = torch.as_tensor(envs.reset(), device=device)
+    returns, playing = np.zeros(args.eval_episodes), np.ones(args.eval_episodes, dtype=bool)
+    while playing.any():
+        frames, rewards, terminated, truncated, _ = envs.step(select_actions(net, obs, args.eval_epsilon).cpu().numpy())
+        returns += rewards * playing
+        playing &= ~(terminated | truncated)  # an env whose game ended plays on, uncounted
+        ended = torch.as_tensor(terminated | truncated, device=device)
+        obs = advance_stack(obs, torch.as_tensor(frames, device=device), ended)
+    envs.close()
+    net.train()
+    return returns.tolist()
+
+
+def format_seconds(seconds: float) -> str:
+    return (f"{int(seconds) // 86400}d " if seconds >= 86400 else "") + time.strftime("%H:%M:%S", time.gmtime(seconds))
+
+
+def main(args: Args) -> dict:
+    validate_args(args)
+    start_time = time.time()
+    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if args.cudagraphs and device.type != "cuda":
+        fail("--cudagraphs needs a CUDA device (none is available, or --no-cuda was given)")
+    state = read_checkpoint(args.resume, args) if args.resume else None
+    loop = dict(global_step=0, updates=0, iteration_returns=[], returns_by_iteration=[], last_return=None,
+                diagnostics_obs=None, wall_seconds=0.0, resumes=0, learning_from=args.learning_starts,
+                eval_by_iteration=[])
+    loop = state["loop"] if state else loop
+
+    envs = make_env(args, seed=args.seed + 7919 * (loop["resumes"] + (state is not None)))  # new seeds on resume
+    run_name = f"{args.env_id.replace('/', '_').replace(':', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = args.resume or os.path.join(args.output_dir, run_name)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=run_dir).close()  # fails now, not at the first checkpoint, if unwritable
+    except OSError as error:
+        fail(f"cannot write to the run folder {run_dir}: {error.strerror}")
+
+    net = QNetwork(envs.num_actions, args).to(device)
+    target_net = QNetwork(envs.num_actions, args).to(device)
+    target_net.load_state_dict(net.state_dict())
+    optimizer = make_optimizer(net, args)
+    params_total = sum(p.numel() for p in net.parameters())
+    params_bottleneck = net.bottleneck.weight.numel()
+    print(f"network: {net.description}; bottleneck {params_bottleneck:,} weights, {params_total:,} parameters in "
+          f"all; device {device}")
+
+    check_replay_fits(args, device)
+    replay = DeviceReplay(args.buffer_size, args.num_envs, args.frame_size, args.frame_stack, args.n_step,
+                          args.gamma, device)
+    if state:
+        restore_training_state(state, net, target_net, optimizer, replay)
+        replay.end_streams()
+        loop["resumes"] += 1
+        if replay.adds == 0 and loop["global_step"] > 0:
+            loop["learning_from"] = loop["global_step"] + args.learning_starts
+            print(f"the checkpoint holds no replay: refilling it for {args.learning_starts:,} steps before learning")
+        print(f"resuming {run_dir} at step {loop['global_step']:,} (resume {loop['resumes']})")
+        del state  # frees the checkpoint's copy of the replay
+    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
+    stop_signals = []  # SIGTERM and SIGUSR1 (Slurm's warnings before preemption) checkpoint and exit with PREEMPTED
+    handlers = {sig: signal.signal(sig, lambda received, frame: stop_signals.append(received))
+                for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    writer = SummaryWriter(run_dir, purge_step=loop["global_step"] or None)  # drops events logged after the checkpoint
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+
+    obs = torch.zeros(args.num_envs, args.frame_stack, args.frame_size, args.frame_size, dtype=torch.uint8, device=device)
+    obs[:, -1] = torch.as_tensor(envs.reset(), device=device)
+    episode_returns = np.zeros(args.num_envs)
+    episode_lengths = np.zeros(args.num_envs, dtype=np.int64)
+    iteration_returns, returns_by_iteration, last_return = loop["iteration_returns"], loop["returns_by_iteration"], loop["last_return"]
+    eval_by_iteration, eval_returns = loop["eval_by_iteration"], []
+    stats = torch.zeros(2, device=device)  # running sums of the loss and the Q-value of the taken actions
+    update = accelerated(make_update(net, target_net, optimizer, replay, args, stats), args)
+    act = accelerated(lambda obs, epsilon: select_actions(net, obs, epsilon), args)
+    epsilon_on_device = torch.ones((), device=device)
+    stats_count, updates, global_step, epsilon = 0, loop["updates"], loop["global_step"], 1.0
+    diagnostics_obs = None if loop["diagnostics_obs"] is None else loop["diagnostics_obs"].to(device)
+    sps_start_time, sps_start_step, last_progress = time.time(), global_step, 0.0
+    loop_wall_seconds = loop["wall_seconds"]
+
+    while global_step < args.total_timesteps:
+        epsilon = 0.0 if args.noisy else linear_schedule(global_step, args.learning_starts, args.epsilon_decay_steps, args.end_e)
+        if epsilon >= 1.0:
+            actions = torch.randint(0, envs.num_actions, (args.num_envs,), device=device)
+        else:
+            actions = act(obs, epsilon_on_device.fill_(epsilon))
+        host_actions = actions.cpu().numpy()  # the loop's one wait for the device
+        previous_step, global_step = global_step, global_step + args.num_envs
+        # Updates are queued before the env step, so the device trains while the host steps the envs (this step's
+        # transition joins the replay after them; Dopamine stores it first).
+        due = global_step // args.train_frequency - previous_step // args.train_frequency
+        new_updates = due if global_step > loop["learning_from"] and replay.adds > args.n_step else 0  # something to sample
+        for _ in range(new_updates):
+            update()
+        stats_count, updates = stats_count + new_updates, updates + new_updates
+        frames, rewards, terminated, truncated, life_lost = envs.step(host_actions)
+
+        episode_returns += rewards
+        episode_lengths += 1
+        for i in np.flatnonzero(terminated | truncated):
+            last_return = float(episode_returns[i])
+            iteration_returns.append(last_return)
+            writer.add_scalar("charts/episodic_return", last_return, global_step)
+            writer.add_scalar("charts/episodic_length", int(episode_lengths[i]), global_step)
+            episode_returns[i], episode_lengths[i] = 0.0, 0
+
+        learning_terminal = terminated | (life_lost & args.terminal_on_life_loss)  # the game may go on
+        terminated_on_device, truncated_on_device = to_device(learning_terminal, device), to_device(truncated, device)
+        replay.add(obs[:, -1], actions, to_device(rewards, device).clamp(-1.0, 1.0), terminated_on_device,
+                   truncated_on_device)
+        obs = advance_stack(obs, to_device(frames, device), terminated_on_device | truncated_on_device)
+
+        if global_step // args.target_network_frequency != previous_step // args.target_network_frequency:
+            target_net.load_state_dict(net.state_dict())
+
+        checkpoint_due = args.checkpoint_every and global_step // args.checkpoint_every != previous_step // args.checkpoint_every
+        if global_step // args.log_every != previous_step // args.log_every or checkpoint_due or stop_signals:
+            if stats_count:  # the only reads of device values in the loop
+                loss_mean, q_mean = (stats / stats_count).tolist()
+                if not (math.isfinite(loss_mean) and math.isfinite(q_mean)):
+                    fail(f"the loss became {loss_mean} and the Q-value {q_mean} by step {global_step:,}; stopped, "
+                         f"the last good checkpoint stays in {run_dir}", DIVERGED)
+                writer.add_scalar("losses/td_loss", loss_mean, global_step)
+                writer.add_scalar("losses/q_values", q_mean, global_step)
+                stats.zero_()
+                stats_count = 0
+            writer.add_scalar("charts/epsilon", epsilon, global_step)
+            writer.add_scalar("charts/SPS", (global_step - sps_start_step) / (time.time() - sps_start_time), global_step)
+
+        if global_step // args.diagnostics_every != previous_step // args.diagnostics_every and replay.adds > args.n_step + 1:
+            if diagnostics_obs is None:  # fixed once, so the curves compare the network with itself
+                diagnostics_obs = replay.sample(args.diagnostics_batch_size)["obs"]
+            dormant = dormant_fractions(net, diagnostics_obs, args.dormant_tau)
+            with torch.no_grad():
+                feature_norm = net.bottleneck_features(diagnostics_obs).norm(dim=1).mean().item()
+            writer.add_scalar("diagnostics/dormant_fraction_phi", dormant["phi"], global_step)
+            writer.add_scalar("diagnostics/dormant_fraction_psi", dormant["psi"], global_step)
+            writer.add_scalar("diagnostics/bottleneck_feature_norm", feature_norm, global_step)
+
+        if global_step // args.iteration_steps != previous_step // args.iteration_steps or global_step >= args.total_timesteps:
+            mean_return = float(np.mean(iteration_returns)) if iteration_returns else None
+            returns_by_iteration.append(dict(step=global_step, mean_return=mean_return, episodes=len(iteration_returns)))
+            if mean_return is not None:
+                writer.add_scalar("charts/iteration_mean_return", mean_return, global_step)
+            iteration_returns = []
+            if args.eval_episodes > 0:
+                evaluated_in = time.time()
+                eval_returns = evaluate(net, args, device, seed=args.seed + 10_000 * len(returns_by_iteration))
+                eval_by_iteration.append(dict(step=global_step, mean_return=float(np.mean(eval_returns)),
+                                              episodes=len(eval_returns)))
+                writer.add_scalar("eval/mean_return", eval_by_iteration[-1]["mean_return"], global_step)
+                sps_start_time += time.time() - evaluated_in  # SPS counts training time only
+                print(f"evaluation at step {global_step:,}: mean return {eval_by_iteration[-1]['mean_return']:.2f} "
+                      f"over {len(eval_returns)} episodes in {time.time() - evaluated_in:.0f} s", flush=True)
+
+        if updates - new_updates < 10 <= updates:  # SPS counts from the 10th update: learning runs, compilation is done
+            sps_start_time, sps_start_step = time.time(), global_step
+        if time.time() - last_progress > args.progress_seconds or global_step >= args.total_timesteps:
+            last_progress = time.time()
+            sps = (global_step - sps_start_step) / max(time.time() - sps_start_time, 1e-9)
+            eta = (args.total_timesteps - global_step) / max(sps, 1e-9)
+            print(f"step {global_step:,}/{args.total_timesteps:,} ({100 * global_step / args.total_timesteps:.1f}%) "
+                  f"| {sps:.0f} SPS | ETA {format_seconds(eta)} | updates {updates:,} | epsilon {epsilon:.3f} "
+                  f"| last return {last_return if last_return is not None else '-'}", flush=True)
+
+        if checkpoint_due or stop_signals:  # after the stats read above: nothing diverged up to here
+            loop.update(global_step=global_step, updates=updates, iteration_returns=iteration_returns,
+                        returns_by_iteration=returns_by_iteration, last_return=last_return,
+                        diagnostics_obs=None if diagnostics_obs is None else diagnostics_obs.cpu(),
+                        wall_seconds=loop_wall_seconds + time.time() - start_time, eval_by_iteration=eval_by_iteration)
+            written_in = time.time()
+            write_atomically(training_state(net, target_net, optimizer, replay, args, loop), checkpoint_path)
+            print(f"checkpoint at step {global_step:,}: {os.path.getsize(checkpoint_path) / 1e9:.2f} GB in "
+                  f"{time.time() - written_in:.1f} s", flush=True)
+        if stop_signals:
+            print(f"{signal.Signals(stop_signals[0]).name}: checkpointed step {global_step:,}; exiting with code "
+                  f"{PREEMPTED}, continue with --resume {run_dir}", flush=True)
+            writer.close(), envs.close()
+            raise SystemExit(PREEMPTED)
+
+    envs.close()
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+    summary = dict(
+        script=os.path.basename(__file__), args=asdict(args), env_id=args.env_id, seed=args.seed,
+        env_steps=global_step, frames=global_step * envs.frames_per_step,
+        updates=updates, wall_seconds=loop_wall_seconds + time.time() - start_time, device=str(device),
+        sps=(global_step - sps_start_step) / max(time.time() - sps_start_time, 1e-9),
+        params_total=params_total, params_bottleneck=params_bottleneck, returns_by_iteration=returns_by_iteration,
+        final_return=returns_by_iteration[-1]["mean_return"] if returns_by_iteration else None,
+        eval_by_iteration=eval_by_iteration, eval_returns=eval_returns,
+        eval_return=eval_by_iteration[-1]["mean_return"] if eval_by_iteration else None)
+    summary["human_normalized_score"] = human_normalized_score(args.env_id, summary["eval_return"])
+    if args.save_model:
+        torch.save({"model": net.state_dict(), "args": asdict(args)}, os.path.join(run_dir, "model.pt"))
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    writer.close()
+    print(f"done: {global_step:,} steps, {updates:,} updates in {format_seconds(summary['wall_seconds'])}; "
+          f"final return {summary['final_return']}, evaluation {summary['eval_return']} (human-normalised "
+          f"{summary['human_normalized_score']}); run folder {run_dir}")
+    summary["run_dir"] = run_dir
+    return summary
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -5,9 +5,10 @@
     python benchmark/aggregate.py runs/* --out results/aggregate --group-by pooling scale
 
 Each run folder's summary.json gives its script, args, env and score: the final iteration's mean training return
-(as Dopamine reports its ALE runs), or the final evaluation where a script reports `eval_return` and no training
-iterations count (Atari 100k, Procgen; not yet written). Atari scores are human-normalised, (score - random) / (human -
-random), with the table rliable uses (benchmark/reference/atari_human_random.csv). A method is the script with its
+(as Dopamine reports its ALE runs), or, for scripts that evaluate after every iteration (`eval_by_iteration`: DER on
+Atari 100k, Procgen), the final evaluation, as those benchmarks report. Atari scores are human-normalised, (score -
+random) / (human - random), with the table rliable uses (benchmark/reference/atari_human_random.csv); Procgen scores
+are min-max normalised with the easy-mode ranges (benchmark/reference/procgen_norm.csv). A method is the script with its
 args except seed, env and run control, or only the `--group-by` args; its label names the script and the args
 that differ from the script's defaults, e.g. `rainbow_impala_gap pooling=flatten scale=4`.
 
@@ -18,7 +19,10 @@ Metrics over a score matrix (runs x games), as rliable defines them:
 Confidence intervals: resample runs with replacement within each game (stratified), --reps times, percentiles 2.5
 and 97.5; reproducible for a given --seed.
 
-Writes OUT/aggregate.csv (method, metric, value, ci_low, ci_high) and OUT/aggregate.md. Plots are still to come.
+Writes OUT/aggregate.csv (method, metric, value, ci_low, ci_high), OUT/aggregate.md and, unless --no-plots, the
+PNG plots of benchmark/plots.py (IQM against scale, IQM over training, GPU hours against IQM, the method comparison,
+the diagnostics over training, per-game curves beside Dopamine's): a plot the runs cannot make is skipped with one
+line saying why.
 """
 
 import csv
@@ -29,7 +33,7 @@ import re
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import numpy as np
 import tyro
@@ -57,6 +61,8 @@ class Args:
     """bootstrap resamples"""
     seed: int = 0
     """seed of the bootstrap"""
+    plots: bool = True
+    """draw the PNG plots next to aggregate.csv (`--no-plots`: the tables only)"""
 
 
 def iqm(scores: np.ndarray) -> float:
@@ -91,9 +97,14 @@ def stratified_bootstrap(scores: np.ndarray, metric, reps: int, seed: int) -> tu
     return float(np.percentile(estimates, 2.5)), float(np.percentile(estimates, 97.5))
 
 
-def human_random_table() -> Dict[str, tuple]:
+def reference_table() -> Dict[str, tuple]:
+    """game -> (score normalised to 0, score normalised to 1): Atari's random and human scores, Procgen's easy-mode
+    minimum and maximum returns (Cobbe et al. 2020)."""
     with open(os.path.join(REFERENCE, "atari_human_random.csv")) as f:
-        return {row["game"].lower(): (float(row["random"]), float(row["human"])) for row in csv.DictReader(f)}
+        table = {row["game"].lower(): (float(row["random"]), float(row["human"])) for row in csv.DictReader(f)}
+    with open(os.path.join(REFERENCE, "procgen_norm.csv")) as f:
+        table.update({row["game"]: (float(row["easy_min"]), float(row["easy_max"])) for row in csv.DictReader(f)})
+    return table
 
 
 def game_name(env_id: str) -> str:
@@ -105,9 +116,9 @@ def game_name(env_id: str) -> str:
 def normalised_score(env_id: str, score: float, table: Dict[str, tuple]) -> float:
     game = game_name(env_id)
     if game not in table:
-        raise SystemExit(f"error: no human/random reference score for '{env_id}' (game '{game}')")
-    random_score, human_score = table[game]
-    return (score - random_score) / (human_score - random_score)
+        raise SystemExit(f"error: no reference scores (human/random or Procgen range) for '{env_id}' (game '{game}')")
+    low, high = table[game]
+    return (score - low) / (high - low)
 
 
 def script_defaults(script: str) -> dict:
@@ -117,32 +128,66 @@ def script_defaults(script: str) -> dict:
         return {}
 
 
-def method_label(summary: dict, group_by: List[str]) -> str:
+def method_label(summary: dict, group_by: List[str], drop: Sequence[str] = ()) -> str:
     """The script and the args that define the method: the --group-by ones, or every experiment arg that differs
-    from the script's default (so two runs share a label exactly when their experiment args are equal)."""
+    from the script's default (so two runs share a label exactly when their experiment args are equal); the `drop`
+    args left out (e.g. `scale`, to put a method's scales on one line)."""
     args, script = summary["args"], os.path.splitext(summary["script"])[0]
     defaults = script_defaults(script)
     names = group_by or sorted(k for k in args if k not in RUN_CONTROL and (k not in defaults or args[k] != defaults[k]))
-    return " ".join([script] + [f"{k}={args.get(k)}" for k in names])
+    return " ".join([script] + [f"{k}={args.get(k)}" for k in names if k not in drop])
 
 
-def load_scores(run_dirs: List[str], group_by: List[str]) -> Dict[str, Dict[str, List[float]]]:
-    """method -> game -> normalised scores, one a run."""
-    table, scores = human_random_table(), defaultdict(lambda: defaultdict(list))
+@dataclass
+class Run:
+    """A finished run: its folder and summary.json, its method, game and human-normalised scores."""
+    folder: str
+    summary: dict
+    method: str
+    family: str  # the method without its scale
+    game: str
+    score: float  # the final one, as aggregated
+    curve: List[tuple]  # (frames, normalised mean training return or nan), one an iteration
+
+    @property
+    def args(self) -> dict:
+        return self.summary["args"]
+
+
+def frames_per_step(summary: dict) -> float:
+    if summary.get("env_steps"):
+        return summary["frames"] / summary["env_steps"]
+    return summary["args"].get("frame_skip", 4)
+
+
+def load_runs(run_dirs: List[str], group_by: List[str]) -> List[Run]:
+    """The runs with a summary.json and a final score; the others are reported and skipped."""
+    table, runs = reference_table(), []
     for run_dir in run_dirs:
         path = os.path.join(run_dir, "summary.json")
         if not os.path.isfile(path):
             print(f"skipping {run_dir}: no summary.json (unfinished or failed run)", file=sys.stderr)
             continue
         summary = json.load(open(path))
-        score = summary.get("final_return")
-        if score is None:
-            score = summary.get("eval_return")
+        evaluated = "eval_by_iteration" in summary  # DER and Procgen report their evaluations, as those benchmarks do
+        score = summary.get("eval_return" if evaluated else "final_return")
         if score is None:
             print(f"skipping {run_dir}: no final return in summary.json", file=sys.stderr)
             continue
-        scores[method_label(summary, group_by)][game_name(summary["env_id"])].append(
-            normalised_score(summary["env_id"], score, table))
+        env_id, skip = summary["env_id"], frames_per_step(summary)
+        curve = [(point["step"] * skip, float("nan") if point["mean_return"] is None else
+                  normalised_score(env_id, point["mean_return"], table))
+                 for point in summary.get("eval_by_iteration" if evaluated else "returns_by_iteration", [])]
+        runs.append(Run(run_dir, summary, method_label(summary, group_by), method_label(summary, group_by, ["scale"]),
+                        game_name(env_id), normalised_score(env_id, score, table), curve))
+    return runs
+
+
+def scores_by_method(runs: List[Run]) -> Dict[str, Dict[str, List[float]]]:
+    """method -> game -> normalised scores, one a run."""
+    scores = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        scores[run.method][run.game].append(run.score)
     return scores
 
 
@@ -166,7 +211,8 @@ def aggregate(scores: Dict[str, Dict[str, List[float]]], reps: int, seed: int) -
 
 
 def main(args: Args) -> List[dict]:
-    rows = aggregate(load_scores(args.run_dirs, args.group_by), args.reps, args.seed)
+    runs = load_runs(args.run_dirs, args.group_by)
+    rows = aggregate(scores_by_method(runs), args.reps, args.seed)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "aggregate.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["method", "metric", "value", "ci_low", "ci_high"], extrasaction="ignore")
@@ -178,6 +224,10 @@ def main(args: Args) -> List[dict]:
     with open(os.path.join(args.out, "aggregate.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+    if args.plots:
+        from benchmark import plots  # matplotlib only when plotting
+
+        plots.draw_all(runs, rows, args.out, args.reps, args.seed)
     return rows
 
 

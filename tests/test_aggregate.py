@@ -46,9 +46,11 @@ def test_bootstrap_is_stratified_reproducible_and_brackets_the_estimate():
     assert aggregate.stratified_bootstrap(constant, aggregate.iqm, 50, 0) == pytest.approx((aggregate.iqm(constant),) * 2)
 
 
-def test_game_names_and_human_normalisation():
-    table = aggregate.human_random_table()
-    assert len(table) == 57
+def test_game_names_and_normalisation():
+    table = aggregate.reference_table()
+    assert len(table) == 57 + 16
+    assert aggregate.normalised_score("bigfish", 20.5, table) == pytest.approx(0.5)  # easy range [1, 40]
+    assert aggregate.normalised_score("coinrun", 5.0, table) == pytest.approx(0.0)  # easy range [5, 10]
     for env_id in ["Pong-v5", "ALE/Pong-v5", "PongNoFrameskip-v4"]:
         assert aggregate.game_name(env_id) == "pong"
     random_score, human_score = table["pong"]
@@ -66,7 +68,7 @@ def write_run(folder, script, env_id, seed, score, **args):
 
 
 def test_run_folders_to_aggregate_csv(tmp_path):
-    table = aggregate.human_random_table()
+    table = aggregate.reference_table()
     expected = {}
     for pooling, level in [("gap", 0.9), ("flatten", 0.4)]:
         normalised = []
@@ -109,3 +111,19 @@ def test_matches_rliable_on_the_same_data():
             low, high = aggregate.stratified_bootstrap(scores, function, reps=20000, seed=0)
             assert low == pytest.approx(method["ci_low"][i], abs=0.01)
             assert high == pytest.approx(method["ci_high"][i], abs=0.01)
+
+
+def test_scripts_that_evaluate_every_iteration_are_scored_on_their_final_evaluation(tmp_path):
+    """DER (Atari 100k) and Procgen report evaluations; the ALE runs their last iteration's training return."""
+    evaluations = [dict(step=10, mean_return=-20.7, episodes=100), dict(step=20, mean_return=-3.05, episodes=100)]
+    summaries = {"der": dict(script="der_atari100k_gap.py", env_id="Pong", final_return=14.6, eval_return=-3.05,
+                             eval_by_iteration=evaluations),
+                 "procgen": dict(script="rainbow_procgen_gap.py", env_id="bigfish", final_return=40.0, eval_return=20.5,
+                                 eval_by_iteration=evaluations[:1]),
+                 "ale": dict(script="rainbow_impala_gap.py", env_id="Pong-v5", final_return=-3.05, eval_return=14.6)}
+    for name, summary in summaries.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps(dict(summary, seed=1, args=dict(seed=1))))
+    runs = {os.path.basename(run.folder): run for run in aggregate.load_runs(sorted(map(str, tmp_path.iterdir())), [])}
+    assert {name: run.score for name, run in runs.items()} == pytest.approx(dict(der=0.5, procgen=0.5, ale=0.5))
+    assert [point[1] for point in runs["der"].curve] == pytest.approx([0.0, 0.5])  # the curve of evaluations

@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ["rainbow_impala_gap", "rainbow_softmoe1", "rainbow_pruned", "der_atari100k_gap"]  # every script in cleanrl_gap/, in the order the README lists them
+SCRIPTS = ["rainbow_impala_gap", "rainbow_softmoe1", "rainbow_pruned", "der_atari100k_gap"]  # the ALE scripts
+ALL_SCRIPTS = [*SCRIPTS, "rainbow_procgen_gap"]  # every script in cleanrl_gap/, in the order the README lists them
 
 
 def script_path(name: str) -> str:

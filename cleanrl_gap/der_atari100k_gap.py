@@ -1,6 +1,6 @@
 """DER (data-efficient Rainbow) on Atari 100k, with an Impala ResNet encoder and a global-average-pooled bottleneck.
 
-Paper: Sokar & Castro (2025), "Mind the GAP! The Challenges of Scale in Pixel-based Deep RL", Section 5
+Paper: Sokar & Castro (2025), "Mind the GAP! The Challenges of Scale in Pixel-based Deep RL", Section 4
 ("Generalization to other domains", Figure 11, bottom): GAP's gains with scale hold for DER on Atari 100k.
 The value network is the flagship's (rainbow_impala_gap.py), Q(x, .) = psi(pool(phi(x))):
 
@@ -875,7 +875,7 @@ def main(args: Args) -> dict:
     state = read_checkpoint(args.resume, args) if args.resume else None
     loop = dict(global_step=0, updates=0, iteration_returns=[], returns_by_iteration=[], last_return=None,
                 diagnostics_obs=None, wall_seconds=0.0, resumes=0, learning_from=args.learning_starts,
-                eval_by_iteration=[])
+                eval_by_iteration=[], eval_returns=[])
     loop = state["loop"] if state else loop
 
     envs = make_env(args, seed=args.seed + 7919 * (loop["resumes"] + (state is not None)))  # new seeds on resume
@@ -920,7 +920,7 @@ def main(args: Args) -> dict:
     episode_returns = np.zeros(args.num_envs)
     episode_lengths = np.zeros(args.num_envs, dtype=np.int64)
     iteration_returns, returns_by_iteration, last_return = loop["iteration_returns"], loop["returns_by_iteration"], loop["last_return"]
-    eval_by_iteration, eval_returns = loop["eval_by_iteration"], []
+    eval_by_iteration, eval_returns = loop["eval_by_iteration"], loop["eval_returns"]
     stats = torch.zeros(2, device=device)  # running sums of the loss and the Q-value of the taken actions
     update = accelerated(make_update(net, target_net, optimizer, replay, args, stats), args)
     act = accelerated(lambda obs, epsilon: select_actions(net, obs, epsilon), args)
@@ -1019,7 +1019,8 @@ def main(args: Args) -> dict:
             loop.update(global_step=global_step, updates=updates, iteration_returns=iteration_returns,
                         returns_by_iteration=returns_by_iteration, last_return=last_return,
                         diagnostics_obs=None if diagnostics_obs is None else diagnostics_obs.cpu(),
-                        wall_seconds=loop_wall_seconds + time.time() - start_time, eval_by_iteration=eval_by_iteration)
+                        wall_seconds=loop_wall_seconds + time.time() - start_time, eval_by_iteration=eval_by_iteration,
+                        eval_returns=eval_returns)
             written_in = time.time()
             write_atomically(training_state(net, target_net, optimizer, replay, args, loop), checkpoint_path)
             print(f"checkpoint at step {global_step:,}: {os.path.getsize(checkpoint_path) / 1e9:.2f} GB in "

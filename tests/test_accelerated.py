@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch._inductor.config
 
-from benchmark.scripts import SCRIPTS, load_script, training_parts
+from benchmark.scripts import ALL_SCRIPTS, load_script, training_parts
 from tests.test_end_to_end import scalars
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -40,7 +40,7 @@ def small_args(module, **overrides):
     return module.Args(frame_size=24, buffer_size=600, batch_size=8, learning_rate=1e-3, **overrides)
 
 
-@pytest.mark.parametrize("name", SCRIPTS)
+@pytest.mark.parametrize("name", ALL_SCRIPTS)
 @torch._inductor.config.patch(fallback_random=True)  # compiled code draws eager's random numbers
 def test_compiled_update_matches_eager_on_cpu(name):
     module = load_script(name)
@@ -52,7 +52,7 @@ def test_compiled_update_matches_eager_on_cpu(name):
 
 
 @CUDA
-@pytest.mark.parametrize("name", SCRIPTS)
+@pytest.mark.parametrize("name", ALL_SCRIPTS)
 @pytest.mark.parametrize("compile", [False, True])
 @torch._inductor.config.patch(fallback_random=True)
 def test_cuda_graph_update_matches_eager(name, compile):
@@ -64,7 +64,7 @@ def test_cuda_graph_update_matches_eager(name, compile):
 
 
 @CUDA
-@pytest.mark.parametrize("name", SCRIPTS)
+@pytest.mark.parametrize("name", ALL_SCRIPTS)
 def test_cuda_graph_run_end_to_end(name, tmp_path):
     module = load_script(name)
     args = module.Args(env_backend="gymnasium", env_id="tests.catch_env:Catch-v0", frame_size=24, total_timesteps=400,

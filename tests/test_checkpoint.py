@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmark.scripts import ROOT, SCRIPTS, load_script, script_path, training_parts
+from benchmark.scripts import ROOT, ALL_SCRIPTS, load_script, script_path, training_parts
 from tests.test_end_to_end import CATCH, run_script
 
 RUN = [*CATCH, "--learning-starts", "100", "--log-every", "50", "--iteration-steps", "200", "--progress-seconds",
@@ -56,7 +56,7 @@ def assert_same(actual, expected, where="state"):
         assert actual == expected, where
 
 
-@pytest.mark.parametrize("name", SCRIPTS)
+@pytest.mark.parametrize("name", ALL_SCRIPTS)
 def test_checkpoint_restores_exactly_what_was_saved(name, tmp_path):
     module = load_script(name)
     args = module.Args(frame_size=24, buffer_size=600, batch_size=8, learning_rate=1e-3, cuda=False)
@@ -89,7 +89,7 @@ def test_checkpoint_restores_exactly_what_was_saved(name, tmp_path):
     assert torch.equal(draws[0], expected_draws[0]) and np.array_equal(draws[1], expected_draws[1])
 
 
-@pytest.mark.parametrize("name", SCRIPTS)
+@pytest.mark.parametrize("name", ALL_SCRIPTS)
 def test_sigkill_in_training_and_in_a_checkpoint_write_then_resume(name, tmp_path):
     total, learning_starts = 1500, 100
     # a 200k-transition replay makes each checkpoint write long enough (~120 MB) to be caught mid-write
@@ -120,7 +120,7 @@ def test_sigkill_in_training_and_in_a_checkpoint_write_then_resume(name, tmp_pat
         assert [it["step"] for it in summary["eval_by_iteration"]] == list(range(200, total + 1, 200)) + [total]
 
 
-@pytest.mark.parametrize("name", SCRIPTS)
+@pytest.mark.parametrize("name", ALL_SCRIPTS)
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGUSR1])
 def test_preemption_signal_checkpoints_and_exits_with_preempted(name, stop_signal, tmp_path):
     module = load_script(name)
@@ -142,7 +142,7 @@ def test_preemption_signal_checkpoints_and_exits_with_preempted(name, stop_signa
     assert json.load(open(os.path.join(run_dir, "summary.json")))["env_steps"] == step + 50
 
 
-@pytest.mark.parametrize("name", SCRIPTS)
+@pytest.mark.parametrize("name", ALL_SCRIPTS)
 def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(name, tmp_path):
     module = load_script(name)
     result = run_script(name, [*RUN, "--learning-rate", "1e30", "--total-timesteps", "2000", "--checkpoint-every", "100",
@@ -187,7 +187,7 @@ def corrupt(run_dir, how):
         torch.save(state, path)
 
 
-@pytest.mark.parametrize("name", SCRIPTS)
+@pytest.mark.parametrize("name", ALL_SCRIPTS)
 @pytest.mark.parametrize("how,args,message", [
     ("truncated", [], "is corrupt or truncated"),
     ("garbage", [], "is corrupt or truncated"),
@@ -208,7 +208,7 @@ def test_bad_resume_fails_with_one_clear_line(name, how, args, message, finished
     assert len(lines) == 1 and lines[0].startswith("error: cannot resume") and message in lines[0], result.stderr
 
 
-@pytest.mark.parametrize("name", SCRIPTS)
+@pytest.mark.parametrize("name", ALL_SCRIPTS)
 def test_resume_without_the_replay_refills_it_before_learning(name, tmp_path):
     args = [*RUN, "--buffer-size", "2000", "--no-checkpoint-replay"]
     first = run_script(name, [*args, "--total-timesteps", "300", "--checkpoint-every", "300"], tmp_path)

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from benchmark.scripts import SCRIPTS, load_script
+from benchmark.scripts import ALL_SCRIPTS, load_script
 
 
-@pytest.mark.parametrize("name", SCRIPTS)
+@pytest.mark.parametrize("name", ALL_SCRIPTS)
 def test_rainbow_learns_catch(name, tmp_path):
     """2,000 agent steps (1,800 updates) of Rainbow must clearly beat a random policy on Catch.
 

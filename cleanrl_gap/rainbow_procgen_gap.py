@@ -1,0 +1,1028 @@
+"""Rainbow with an Impala ResNet encoder and a global-average-pooled bottleneck, on Procgen.
+
+Paper: Sokar & Castro (2025), "Mind the GAP! The Challenges of Scale in Pixel-based Deep RL", Section 4
+("Generalization to other domains") and Figure 11 (top): GAP keeps Rainbow's scaled networks improving on Procgen
+(Cobbe et al. 2020), as it does on the ALE. This script is cleanrl_gap/rainbow_impala_gap.py with the environment
+changed; the network, the agent, the replay, checkpoints and exit codes are the flagship's, line for line.
+The value network is Q(x, .) = psi(pool(phi(x))) (Section 2.1, Figure 1):
+
+  phi   Impala ResNet (Espeholt et al. 2018) or the Nature CNN, output F in R^{H x W x C}
+  pool  the bottleneck: `flatten` (baseline, H*W*C inputs to psi), `gap` (Section 4, equation 1:
+        g^c = 1/(H*W) sum_ij F^c_ij, C inputs) or `max` (global max pooling, Appendix B.1)
+  psi   Linear(d, 512*scale) -> ReLU [-> Linear -> ReLU]*extra -> Linear(., actions*atoms)
+
+With Procgen's 64x64 frames the Impala output is 8x8x32, so the first layer of psi (the bottleneck) holds
+2048*512*scale weights when flattened and 32*512*scale with pooling.
+
+The agent is Dopamine's JAX Rainbow (`rainbow.gin`): C51 (51 atoms on [-10, 10]), 3-step returns, gamma 0.99,
+prioritized replay (priority sqrt(cross-entropy), importance weights 1/sqrt(p) over their batch max, new transitions at
+the max priority seen), Adam(6.25e-5, eps 1.5e-4), batch 32, an update every 4 steps, target sync every 8000, 20000
+steps before learning, epsilon 1 -> 0.01 over 250000 steps. `--dueling --noisy --double-dqn` give full_rainbow.
+
+Environment (what differs from the flagship): Procgen through the `procgen` package, one natively vectorised
+ProcgenGym3Env of --num-envs games; `--env-id` names one of the 16 games. Training plays --num-levels 200 levels
+from --start-level 0 of the easy distribution; evaluation plays unseen levels (the full distribution, num_levels=0)
+after every iteration, as --eval-episodes 100 parallel envs that each count their first episode only (so short
+episodes are not over-counted), epsilon 0.001. Frames are Procgen's 64x64 RGB, kept in colour and not resized; the
+replay stores each RGB frame once, so the network sees 3*frame_stack channels. Procgen has no frame skip, no sticky
+actions and no life losses, and ends its own episodes (a frame is an agent step; the flagship's --frame-skip,
+--sticky-action-prob and --max-episode-frames are gone). Rewards are clipped to [-1, 1] for learning, as Dopamine
+does. The default budget is 25M agent steps, Procgen's usual easy-mode budget (Cobbe et al. 2020), in iterations of
+250k steps (Dopamine's): 100 evaluations, each far cheaper than the 62,500 updates of an iteration. summary.json
+reports `train_return` (the last iteration's training episodes; also `final_return`), `test_return` (the last
+evaluation; also `eval_return`, the score the aggregator reads), `eval_by_iteration`, and `normalized_score`,
+(test_return - min) / (max - min) with Cobbe et al.'s ranges for the distribution mode. The gymnasium backend takes
+any uint8 pixel env (`module:Name-v0`, e.g. the tests' Catch): its frames become RGB (gray repeated) at
+--frame-size with area interpolation.
+
+The replay lives on the training device and stores each frame once; stacks and n-step returns are assembled at
+sampling time, frames before an episode's start are zeros, and windows that meet a truncation are never sampled.
+The loop reads the device once per step (the actions); `--compile` and `--cudagraphs` speed up the update.
+Checkpoints (`--checkpoint-every`, atomic) hold all the run's state; `--resume RUN_DIR` goes on from one, SIGTERM or
+SIGUSR1 checkpoint and exit with PREEMPTED (75), a NaN loss stops with DIVERGED (3), bad input with BAD_INPUT (2).
+
+Deviations from Dopamine (which ships no Procgen runner; the paper's setup is not published in detail): Procgen's
+episode ends (deaths, level completions and its step limits alike) are all terminals, since gym3 does not tell
+timeouts apart; the frame stack of 4 is Dopamine's ALE default (Procgen's own baselines stack none); the evaluation
+counts one episode per env instead of Dopamine's fixed number of evaluation steps; stratified sampling searches
+block sums instead of a sum tree (same distribution); episode starts are zero-padded by masking, not by stored zero
+frames; a step's updates are queued before its env step (so the device trains while the host steps the envs) and so
+before its transition joins the replay, and acting uses weights one update older than Dopamine's.
+"""
+
+import contextlib
+import io
+import json
+import os
+import math
+import random
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run folder's name)"""
+    seed: int = 1
+    """seed of the experiment (torch, numpy, python and the environments)"""
+    torch_deterministic: bool = True
+    """sets `torch.backends.cudnn.deterministic`"""
+    cuda: bool = True
+    """use CUDA when available (`--no-cuda` forces the CPU)"""
+    compile: bool = False
+    """torch.compile the gradient update and the action selection"""
+    cudagraphs: bool = False
+    """capture the gradient update (optimizer step included) and the action selection in CUDA graphs"""
+    output_dir: str = "runs"
+    """where run folders go"""
+    save_model: bool = False
+    """save the online network's weights and the args in the run folder at the end"""
+    checkpoint_every: int = 250_000
+    """agent steps between checkpoints in the run folder (default: every Dopamine iteration; 0: none)"""
+    checkpoint_replay: bool = True
+    """include the replay in checkpoints (`--no-checkpoint-replay`: smaller; a resumed run refills it first)"""
+    resume: Optional[str] = None
+    """a run folder to continue from its latest complete checkpoint (same script and experiment args)"""
+
+    # environment
+    env_id: str = "bigfish"
+    """the environment id: a Procgen game (bigfish, bossfight, caveflyer, chaser, climber, coinrun, dodgeball,
+    fruitbot, heist, jumper, leaper, maze, miner, ninja, plunder, starpilot), or (gymnasium backend) any pixel env,
+    `module:Name-v0` included"""
+    env_backend: Literal["procgen", "gymnasium"] = "procgen"
+    """procgen (its own vectorised env) or gymnasium (any gymnasium env with uint8 image observations)"""
+    distribution_mode: Literal["easy", "hard"] = "easy"
+    """Procgen's level distribution, for training and evaluation"""
+    num_levels: int = 200
+    """Procgen levels to train on (0: the full distribution); evaluation always plays the full distribution"""
+    start_level: int = 0
+    """the first of the training levels"""
+    num_envs: int = 1
+    """environments acting in parallel; updates per agent step stay the same"""
+    frame_size: int = 64
+    """frames are frame_size x frame_size RGB (Procgen's are 64x64; other sizes are resized)"""
+    frame_stack: int = 4
+    """RGB frames stacked into one observation (3*frame_stack channels); no frame skip: a frame is an agent step"""
+
+    # network
+    encoder: Literal["impala", "nature"] = "impala"
+    """phi: the Impala ResNet (16, 32, 32 channels) or the Nature CNN of Mnih et al. (2015)"""
+    encoder_scale: float = 1.0
+    """width multiplier of phi's channels"""
+    pooling: Literal["flatten", "gap", "max"] = "gap"
+    """the bottleneck: flatten (baseline), global average pooling (eq. 1) or global max pooling"""
+    scale: int = 1
+    """width multiplier of psi: hidden layers have 512*scale units (1, 2, 4, 8 in the paper)"""
+    extra_dense_layers: int = 0
+    """extra hidden layers in psi (the depth scaling of Figure 8)"""
+    layer_norm: bool = False
+    """LayerNorm before each ReLU of psi (the algorithmic baseline of Figure 10)"""
+    dueling: bool = False
+    """dueling heads (Dopamine full_rainbow)"""
+    noisy: bool = False
+    """noisy linear layers in psi, replacing epsilon-greedy (Dopamine full_rainbow)"""
+    double_dqn: bool = False
+    """select the next action with the online network (Dopamine full_rainbow)"""
+
+    # algorithm
+    total_timesteps: int = 25_000_000
+    """agent steps in total (= frames; 25M is Procgen's usual budget in easy mode)"""
+    iteration_steps: int = 250_000
+    """agent steps per reporting iteration, as Dopamine; each ends with an evaluation on unseen levels"""
+    learning_rate: float = 6.25e-5
+    """Adam's learning rate"""
+    adam_eps: float = 1.5e-4
+    """Adam's epsilon"""
+    weight_decay: float = 0.0
+    """decoupled weight decay (AdamW), an algorithmic baseline of Figure 10"""
+    buffer_size: int = 1_000_000
+    """replay capacity in transitions"""
+    gamma: float = 0.99
+    """discount factor"""
+    n_step: int = 3
+    """n of the n-step returns"""
+    num_atoms: int = 51
+    """atoms of the C51 distribution"""
+    v_max: float = 10.0
+    """the support is [-v_max, v_max]"""
+    batch_size: int = 32
+    """transitions per gradient update"""
+    train_frequency: int = 4
+    """agent steps per gradient update (replay ratio 1/train_frequency)"""
+    target_network_frequency: int = 8000
+    """agent steps between hard target-network updates"""
+    learning_starts: int = 20_000
+    """agent steps before learning starts"""
+    end_e: float = 0.01
+    """final exploration epsilon"""
+    epsilon_decay_steps: int = 250_000
+    """agent steps over which epsilon decays linearly to end_e, counted from learning_starts"""
+    eval_epsilon: float = 0.001
+    """epsilon during evaluation"""
+    eval_episodes: int = 100
+    """episodes evaluated on unseen levels after each iteration, one in each of as many parallel envs (0: none)"""
+
+    # diagnostics and logging
+    diagnostics_every: int = 250_000
+    """agent steps between the paper's diagnostics (dormant neurons, bottleneck feature norm)"""
+    diagnostics_batch_size: int = 256
+    """size of the fixed replay batch the diagnostics are measured on"""
+    dormant_tau: float = 0.001
+    """a neuron is dormant when its normalised mean activation is at most tau (Sokar et al. 2023)"""
+    log_every: int = 1000
+    """agent steps between reads of the device-side loss statistics"""
+    progress_seconds: float = 10.0
+    """seconds between progress lines"""
+
+
+BAD_INPUT, DIVERGED, PREEMPTED = 2, 3, 75  # exit codes; 75 (EX_TEMPFAIL): checkpointed on SIGTERM/SIGUSR1, resume it
+
+
+def fail(message: str, code: int = BAD_INPUT):
+    """Stop with one clear line and a non-zero exit, without a traceback."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+def validate_args(args: Args):
+    for name in ["num_envs", "frame_size", "frame_stack", "scale", "v_max",
+                 "encoder_scale", "total_timesteps", "iteration_steps", "buffer_size", "n_step", "batch_size",
+                 "train_frequency", "target_network_frequency", "learning_rate", "adam_eps", "diagnostics_every",
+                 "diagnostics_batch_size", "log_every"]:
+        if not getattr(args, name) > 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ["extra_dense_layers", "learning_starts", "eval_episodes", "weight_decay", "checkpoint_every",
+                 "num_levels", "start_level"]:
+        if getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
+    if args.num_atoms < 2 or not 0.0 <= args.gamma <= 1.0:
+        fail("--num-atoms must be at least 2, --gamma within [0, 1]")
+    if args.buffer_size // args.num_envs <= args.n_step + args.frame_stack:
+        fail(f"--buffer-size {args.buffer_size} is too small for {args.num_envs} envs, n-step {args.n_step} "
+             f"and a stack of {args.frame_stack}")
+
+
+# Environments: reset() -> frames (num_envs, 3, size, size) uint8; step(actions) -> frames, rewards, terminated,
+# truncated. An env that ends is reset at once and returns its new episode's first frame (the final frame is
+# never needed: a terminal does not bootstrap and a truncated window is never sampled).
+PROCGEN_GAMES = ("bigfish", "bossfight", "caveflyer", "chaser", "climber", "coinrun", "dodgeball", "fruitbot", "heist",
+                 "jumper", "leaper", "maze", "miner", "ninja", "plunder", "starpilot")
+# Procgen's normalisation ranges (Cobbe et al. 2020): game -> (easy min, easy max, hard min, hard max)
+PROCGEN_SCORE_RANGES = {
+    "bigfish": (1, 40, 0, 40), "bossfight": (0.5, 13, 0.5, 13), "caveflyer": (3.5, 12, 2, 13.4),
+    "chaser": (0.5, 13, 0.5, 14.2), "climber": (2, 12.6, 1, 12.6), "coinrun": (5, 10, 5, 10),
+    "dodgeball": (1.5, 19, 1.5, 19), "fruitbot": (-1.5, 32.4, -0.5, 27.2), "heist": (3.5, 10, 2, 10),
+    "jumper": (1, 10, 1, 10), "leaper": (1.5, 10, 1.5, 10), "maze": (5, 10, 4, 10), "miner": (1.5, 13, 1.5, 20),
+    "ninja": (3.5, 10, 2, 10), "plunder": (4.5, 30, 3, 30), "starpilot": (2.5, 64, 1.5, 35)}
+
+
+def normalized_score(env_id: str, distribution_mode: str, score: Optional[float]) -> Optional[float]:
+    """(score - min) / (max - min) with the game's range for the distribution mode; None for non-Procgen envs."""
+    if score is None or env_id not in PROCGEN_SCORE_RANGES:
+        return None
+    low, high = PROCGEN_SCORE_RANGES[env_id][:2] if distribution_mode == "easy" else PROCGEN_SCORE_RANGES[env_id][2:]
+    return (score - low) / (high - low)
+
+
+def to_rgb_frame(obs: np.ndarray, size: int) -> np.ndarray:
+    """An HxW or HxWxC uint8 image as a 3 x size x size RGB uint8 frame (gray repeated; area interpolation)."""
+    if obs.ndim == 2:
+        obs = obs[..., None]
+    obs = np.repeat(obs, 3, axis=-1) if obs.shape[-1] < 3 else obs[..., :3]
+    obs = obs.transpose(2, 0, 1)
+    if obs.shape[1:] != (size, size):
+        image = torch.from_numpy(np.ascontiguousarray(obs, dtype=np.float32))[None]
+        obs = F.interpolate(image, size=(size, size), mode="area")[0].numpy()
+    return np.ascontiguousarray(np.round(obs) if obs.dtype != np.uint8 else obs).astype(np.uint8)
+
+
+class ProcgenVec:
+    """Procgen's own vectorised env (gym3): one C++ env of num_envs games; an episode that ends restarts at once,
+    and observe() flags the new episode's first frame as `first`."""
+
+    def __init__(self, env_id: str, num_envs: int, seed: int, args: Args, num_levels: int):
+        with contextlib.redirect_stderr(io.StringIO()):  # procgen imports gym, which prints a notice about NumPy 2
+            from procgen import ProcgenGym3Env
+
+        self.envs = ProcgenGym3Env(num=num_envs, env_name=env_id, num_levels=num_levels, start_level=args.start_level,
+                                   distribution_mode=args.distribution_mode, rand_seed=seed)
+        self.num_actions = int(self.envs.ac_space.eltype.n)
+        self.size, self.frames_per_step = args.frame_size, 1
+
+    def _frames(self, obs: dict) -> np.ndarray:
+        if obs["rgb"].shape[1:3] == (self.size, self.size):
+            return np.ascontiguousarray(obs["rgb"].transpose(0, 3, 1, 2))
+        return np.stack([to_rgb_frame(frame, self.size) for frame in obs["rgb"]])
+
+    def reset(self) -> np.ndarray:
+        return self._frames(self.envs.observe()[1])
+
+    def step(self, actions: np.ndarray):
+        self.envs.act(actions.astype(np.int32))
+        rewards, obs, first = self.envs.observe()  # `first`: the step ended an episode, obs starts the next one
+        return self._frames(obs), rewards.astype(np.float32), first.astype(bool), np.zeros(len(first), bool)
+
+    def close(self):
+        self.envs.close()
+
+
+class GymnasiumPixels:
+    """N gymnasium envs stepped in turn, one env step per agent step."""
+
+    def __init__(self, env_id: str, num_envs: int, seed: int, args: Args):
+        import gymnasium as gym
+
+        self.envs = [gym.make(env_id) for _ in range(num_envs)]
+        self.frames_per_step = 1
+        self.size, self.seed, self.num_actions = args.frame_size, seed, int(self.envs[0].action_space.n)
+
+    def _reset_one(self, i: int, seed: Optional[int] = None) -> np.ndarray:
+        return to_rgb_frame(self.envs[i].reset(seed=seed)[0], self.size)
+
+    def reset(self) -> np.ndarray:
+        return np.stack([self._reset_one(i, self.seed + i) for i in range(len(self.envs))])
+
+    def step(self, actions: np.ndarray):
+        n = len(self.envs)
+        frames, rewards = [], np.zeros(n, np.float32)
+        terminated, truncated = np.zeros(n, bool), np.zeros(n, bool)
+        for i, env in enumerate(self.envs):
+            obs, reward, term, trunc, _ = env.step(int(actions[i]))
+            rewards[i], terminated[i], truncated[i] = reward, term, trunc and not term
+            frames.append(self._reset_one(i) if term or trunc else to_rgb_frame(obs, self.size))
+        return np.stack(frames), rewards, terminated, truncated
+
+    def close(self):
+        for env in self.envs:
+            env.close()
+
+
+def make_env(args: Args, num_envs: Optional[int] = None, seed: Optional[int] = None, evaluation: bool = False):
+    """The vectorised pixel environment for `args.env_id`, or one clear error line. Procgen trains on --num-levels
+    levels from --start-level and evaluates (`evaluation`) on the full distribution (num_levels=0), unseen levels."""
+    num_envs = args.num_envs if num_envs is None else num_envs
+    seed = args.seed if seed is None else seed
+    env_id = args.env_id
+    if args.env_backend == "procgen":
+        if ":" in env_id:
+            fail(f"'{env_id}' is a gymnasium entry point: use --env-backend gymnasium")
+        if env_id not in PROCGEN_GAMES:
+            fail(f"unknown env id '{env_id}' for procgen (the games: {', '.join(PROCGEN_GAMES)})")
+        return ProcgenVec(env_id, num_envs, seed, args, num_levels=0 if evaluation else args.num_levels)
+
+    import gymnasium as gym
+
+    if ":" in env_id and os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())  # `module:Name` resolves from the working directory, as with `python -m`
+    try:
+        probe = gym.make(env_id)
+    except Exception as error:  # gymnasium raises several types for unknown ids and modules
+        fail(f"cannot make env '{args.env_id}': {str(error).splitlines()[0] if str(error) else type(error).__name__}")
+    obs_space, action_space = probe.observation_space, probe.action_space
+    probe.close()
+    if not isinstance(action_space, gym.spaces.Discrete):
+        fail(f"'{args.env_id}' has {type(action_space).__name__} actions; this script needs discrete actions")
+    if not (isinstance(obs_space, gym.spaces.Box) and obs_space.dtype == np.uint8 and (
+            len(obs_space.shape) == 2 or (len(obs_space.shape) == 3 and obs_space.shape[-1] in (1, 3, 4)))):
+        fail(f"'{args.env_id}' does not give uint8 image observations (HxW or HxWxC), got {obs_space}")
+    return GymnasiumPixels(env_id, num_envs, seed, args)
+
+
+# Network: phi (encoder) -> bottleneck pooling -> psi (dense layers)
+def pad_same(x: torch.Tensor, kernel: int, stride: int, value: float = 0.0) -> torch.Tensor:
+    """TensorFlow/flax 'SAME' padding (extra row/column at the bottom/right), as Dopamine's networks use."""
+    pads = []
+    for size in (x.shape[-1], x.shape[-2]):
+        total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+        pads += [total // 2, total - total // 2]
+    return F.pad(x, pads, value=value)
+
+
+def lecun_normal_(weight: torch.Tensor):
+    """flax's default kernel initialiser: truncated normal at 2 std, variance 1/fan_in."""
+    std = (weight[0].numel() ** -0.5) / 0.87962566103423978  # the truncation shrinks the std by this factor
+    nn.init.trunc_normal_(weight, 0.0, std, -2 * std, 2 * std)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.relu0, self.conv0 = nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1)
+        self.relu1, self.conv1 = nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1)
+        for conv in (self.conv0, self.conv1):  # flax's default, as in Dopamine's Stack
+            lecun_normal_(conv.weight), nn.init.zeros_(conv.bias)
+
+    def forward(self, x):
+        return x + self.conv1(self.relu1(self.conv0(self.relu0(x))))
+
+
+class ImpalaStack(nn.Module):
+    def __init__(self, in_channels: int, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, channels, 3, padding=1)
+        nn.init.xavier_uniform_(self.conv.weight), nn.init.zeros_(self.conv.bias)
+        self.blocks = nn.Sequential(ResidualBlock(channels), ResidualBlock(channels))
+
+    def forward(self, x):
+        x = F.max_pool2d(pad_same(self.conv(x), 3, 2, float("-inf")), 3, 2)
+        return self.blocks(x)
+
+
+class ImpalaEncoder(nn.Module):
+    def __init__(self, in_channels: int, scale: float):
+        super().__init__()
+        widths = [max(1, round(c * scale)) for c in (16, 32, 32)]
+        self.stacks = nn.Sequential(*[ImpalaStack(i, o) for i, o in zip([in_channels] + widths[:-1], widths)])
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.stacks(x))
+
+
+class NatureEncoder(nn.Module):
+    def __init__(self, in_channels: int, scale: float):
+        super().__init__()
+        c1, c2 = max(1, round(32 * scale)), max(1, round(64 * scale))
+        self.specs = [(8, 4), (4, 2), (3, 1)]
+        self.convs = nn.ModuleList([nn.Conv2d(in_channels, c1, 8, 4), nn.Conv2d(c1, c2, 4, 2), nn.Conv2d(c2, c2, 3, 1)])
+        self.relus = nn.ModuleList([nn.ReLU() for _ in self.convs])
+        for conv in self.convs:  # Dopamine's RainbowNetwork: variance_scaling(1/sqrt(3), fan_in, uniform)
+            bound = (3**0.5 / conv.weight[0].numel()) ** 0.5
+            nn.init.uniform_(conv.weight, -bound, bound), nn.init.zeros_(conv.bias)
+
+    def forward(self, x):
+        for (kernel, stride), conv, relu in zip(self.specs, self.convs, self.relus):
+            x = relu(conv(pad_same(x, kernel, stride)))
+        return x
+
+
+class Bottleneck(nn.Module):
+    """How phi's H x W x C output reaches psi: flattened (H*W*C) or pooled over H x W (C)."""
+
+    def __init__(self, pooling: str):
+        super().__init__()
+        self.pooling = pooling
+
+    def forward(self, features):
+        if self.pooling == "gap":
+            return features.mean(dim=(2, 3))
+        if self.pooling == "max":
+            return features.amax(dim=(2, 3))
+        return features.flatten(1)
+
+
+class NoisyLinear(nn.Module):
+    """Factorised Gaussian noisy layer (Fortunato et al. 2018) with Dopamine's initialisation."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        bound, sigma = in_features**-0.5, 0.1 * in_features**-0.5
+        self.weight = nn.Parameter(torch.empty(out_features, in_features).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(out_features).uniform_(-bound, bound))
+        self.weight_sigma = nn.Parameter(torch.full((out_features, in_features), sigma))
+        self.bias_sigma = nn.Parameter(torch.full((out_features,), sigma))
+
+    def forward(self, x):
+        if not self.training:
+            return F.linear(x, self.weight, self.bias)
+        f = lambda e: e.sign() * e.abs().sqrt()
+        eps_in = f(torch.randn(self.weight.shape[1], device=x.device))
+        eps_out = f(torch.randn(self.weight.shape[0], device=x.device))
+        weight = self.weight + self.weight_sigma * torch.outer(eps_out, eps_in)
+        return F.linear(x, weight, self.bias + self.bias_sigma * eps_out)
+
+
+def dense(in_features: int, out_features: int, noisy: bool) -> nn.Module:
+    if noisy:
+        return NoisyLinear(in_features, out_features)
+    layer = nn.Linear(in_features, out_features)
+    nn.init.xavier_uniform_(layer.weight), nn.init.zeros_(layer.bias)
+    return layer
+
+
+class QNetwork(nn.Module):
+    """psi(pool(phi(x))) returning C51 logits of shape (batch, actions, atoms)."""
+
+    def __init__(self, num_actions: int, args: Args):
+        super().__init__()
+        self.num_actions, self.num_atoms, self.dueling = num_actions, args.num_atoms, args.dueling
+        encoder_cls = ImpalaEncoder if args.encoder == "impala" else NatureEncoder
+        self.phi = encoder_cls(3 * args.frame_stack, args.encoder_scale)  # RGB stacks: frame-major channels
+        self.pool = Bottleneck(args.pooling)
+        with torch.no_grad():
+            self.feature_shape = tuple(self.phi(torch.zeros(1, 3 * args.frame_stack, args.frame_size, args.frame_size)).shape[1:])
+        bottleneck_inputs = self.pool(torch.zeros(1, *self.feature_shape)).shape[1]
+        width = 512 * args.scale
+        layers = []
+        for i in range(1 + args.extra_dense_layers):
+            layers.append(dense(bottleneck_inputs if i == 0 else width, width, args.noisy))
+            if args.layer_norm:
+                layers.append(nn.LayerNorm(width))
+            layers.append(nn.ReLU())
+        self.psi = nn.Sequential(*layers)
+        self.bottleneck = layers[0]  # the weights joining phi's (pooled) output to psi
+        self.head = dense(width, num_actions * args.num_atoms, args.noisy)
+        self.value_head = dense(width, args.num_atoms, args.noisy) if args.dueling else None
+        self.register_buffer("support", torch.linspace(-args.v_max, args.v_max, args.num_atoms))
+        c, h, w = self.feature_shape
+        self.description = f"{args.encoder} phi -> {h}x{w}x{c} -> {args.pooling} -> {bottleneck_inputs} -> psi {width}"
+
+    def bottleneck_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.phi(x.flatten(1, 2).float() / 255.0))  # (batch, stack, 3, H, W) -> 3*stack channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.psi(self.bottleneck_features(x))
+        logits = self.head(hidden).view(-1, self.num_actions, self.num_atoms)
+        if self.dueling:
+            logits = self.value_head(hidden).unsqueeze(1) + logits - logits.mean(dim=1, keepdim=True)
+        return logits
+
+    def q_values(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.forward(x).softmax(-1) * self.support).sum(-1)
+
+
+def project_distribution(target_support: torch.Tensor, probs: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+    """C51 projection of `probs` on `target_support` (batch, atoms) onto the fixed `support` (Dopamine's form)."""
+    delta = support[1] - support[0]
+    clipped = target_support.clamp(support[0], support[-1])
+    weights = (1.0 - (clipped.unsqueeze(1) - support.view(1, -1, 1)).abs() / delta).clamp(0.0, 1.0)
+    return (weights * probs.unsqueeze(1)).sum(-1)
+
+
+def linear_schedule(step: int, learning_starts: int, decay_steps: int, end_e: float) -> float:
+    """Dopamine's linearly_decaying_epsilon: 1 until learning starts, then linear to end_e."""
+    steps_left = decay_steps + learning_starts - step
+    return end_e + min(max((1.0 - end_e) * steps_left / decay_steps, 0.0), 1.0 - end_e)
+
+
+@torch.no_grad()
+def dormant_fractions(net: QNetwork, obs: torch.Tensor, tau: float) -> dict:
+    """Fraction of dormant neurons in phi and psi (Sokar et al. 2023): a unit (channel for convs) is dormant when
+    its mean |activation| over the batch, divided by its layer's average, is at most tau."""
+    activations = {"phi": [], "psi": []}
+    hooks = [module.register_forward_hook(lambda m, i, o, part=part: activations[part].append(o))
+             for part in ("phi", "psi") for module in getattr(net, part).modules() if isinstance(module, nn.ReLU)]
+    net(obs)
+    for hook in hooks:
+        hook.remove()
+    result = {}
+    for part, outputs in activations.items():
+        scores = [o.abs().mean(dim=(0, 2, 3)) if o.dim() == 4 else o.abs().mean(dim=0) for o in outputs]
+        dormant = [(score / (score.mean() + 1e-9) <= tau) for score in scores]  # normalised per layer
+        result[part] = float(sum(d.sum() for d in dormant)) / max(sum(d.numel() for d in dormant), 1)
+    return result
+
+
+# Replay on the device: each env owns a circular stream of `capacity` slots; slot t holds the RGB frame seen at t,
+# the action taken, the clipped reward, and whether the episode ended (terminal or truncated) at t.
+class DeviceReplay:
+    block = 1024  # prioritized sampling searches block sums, then one block
+
+    @staticmethod
+    def bytes_needed(buffer_size: int, frame_size: int) -> int:
+        return buffer_size * (3 * frame_size * frame_size + 4 + 4 + 1 + 1 + 4)
+
+    def __init__(self, buffer_size: int, num_envs: int, frame_size: int, stack: int, n_step: int, gamma: float,
+                 device: torch.device):
+        self.num_envs, self.capacity = num_envs, buffer_size // num_envs
+        self.stack, self.n_step, self.device = stack, n_step, device
+        size = self.num_envs * self.capacity
+        self.frames = torch.zeros(size, 3, frame_size, frame_size, dtype=torch.uint8, device=device)
+        self.actions = torch.zeros(size, dtype=torch.int32, device=device)
+        self.rewards = torch.zeros(size, dtype=torch.float32, device=device)
+        self.terminal = torch.zeros(size, dtype=torch.bool, device=device)
+        # unwritten slots count as episode ends, so the stream's first stack is zero-padded
+        self.episode_end = torch.ones(size, dtype=torch.bool, device=device)
+        self.num_blocks = -(-size // self.block)
+        self.priorities = torch.zeros(self.num_blocks * self.block, dtype=torch.float32, device=device)
+        self.max_priority = torch.ones((), device=device)
+        self.discounts = gamma ** torch.arange(n_step + 1, dtype=torch.float32, device=device)
+        self.env_offset = torch.arange(num_envs, device=device) * self.capacity
+        self.cursor, self.adds = 0, 0
+
+    def add(self, frames, actions, rewards, terminated, truncated):
+        """Append one step for every env (tensors of shape (num_envs, ...) on the device)."""
+        slot = self.env_offset + self.cursor
+        self.frames[slot] = frames
+        self.actions[slot] = actions.int()
+        self.rewards[slot] = rewards
+        self.terminal[slot] = terminated
+        self.episode_end[slot] = terminated | truncated
+        # this slot and the next ones, whose frame history now begins with this step's (newer) frame, are unsampleable
+        later = (self.cursor + torch.arange(self.stack, device=self.device)) % self.capacity
+        self.priorities[(self.env_offset.unsqueeze(1) + later).flatten()] = 0.0
+        self.adds += 1
+        self.cursor = (self.cursor + 1) % self.capacity
+        if self.adds > self.n_step:  # the slot n steps back now has its whole n-step future
+            start = self.env_offset + (self.cursor - 1 - self.n_step) % self.capacity
+            window = (start.unsqueeze(1) - self.env_offset.unsqueeze(1) + torch.arange(self.n_step, device=self.device)
+                      ) % self.capacity + self.env_offset.unsqueeze(1)
+            ends, terminal = self.episode_end[window], self.terminal[window]
+            ended_before = torch.cumsum(ends.int(), 1) - ends.int() > 0
+            truncated_first = (ends & ~terminal & ~ended_before).any(1)
+            self.priorities[start] = torch.where(truncated_first, 0.0, self.max_priority)
+
+    def state_dict(self, with_contents: bool) -> dict:
+        if not with_contents:  # the resumed run starts from an empty replay
+            return dict(max_priority=self.max_priority.cpu(), cursor=0, adds=0)
+        names = ["frames", "actions", "rewards", "terminal", "episode_end", "priorities", "max_priority"]
+        return dict({name: getattr(self, name).cpu() for name in names}, cursor=self.cursor, adds=self.adds)
+
+    def load_state_dict(self, state: dict):
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor):
+                getattr(self, name).copy_(value)  # in place, so the tensors keep their (graph-captured) addresses
+        self.cursor, self.adds = state["cursor"], state["adds"]
+
+    def end_streams(self):
+        """End every env's stream with a truncation where an episode was running (a resumed run's envs start new
+        episodes): no stack or n-step window reaches across."""
+        if self.adds == 0:
+            return
+        last = self.env_offset + (self.cursor - 1) % self.capacity
+        running = ~self.terminal[last]
+        self.episode_end[last] = True
+        window = self.env_offset.unsqueeze(1) + (self.cursor - 1 - torch.arange(self.n_step, device=self.device)) % self.capacity
+        self.priorities[window] = torch.where(running.unsqueeze(1), 0.0, self.priorities[window])
+
+    def _stacks(self, index: torch.Tensor) -> torch.Tensor:
+        """Frame stacks ending at flat `index`, zeroing frames from before each episode's start."""
+        env = index // self.capacity
+        offsets = torch.arange(self.stack - 1, -1, -1, device=self.device)
+        history = (index.unsqueeze(1) - env.unsqueeze(1) * self.capacity - offsets) % self.capacity
+        history = history + env.unsqueeze(1) * self.capacity
+        ends = self.episode_end[history[:, :-1]].int()
+        blocked = torch.flip(torch.cummax(torch.flip(ends, [1]), 1).values, [1]) > 0
+        visible = torch.cat([~blocked, torch.ones_like(blocked[:, :1])], 1)
+        return self.frames[history] * visible[:, :, None, None, None]
+
+    def sample(self, batch_size: int) -> dict:
+        """Stratified prioritized sample: obs, actions, n-step returns and discounts, next obs, probabilities."""
+        blocks = self.priorities.view(self.num_blocks, self.block)
+        block_sums = blocks.sum(1, dtype=torch.float64)
+        cumulative = block_sums.cumsum(0)
+        total = cumulative[-1]
+        targets = (torch.arange(batch_size, device=self.device) + torch.rand(batch_size, device=self.device,
+                   dtype=torch.float64)) / batch_size * total
+        targets = torch.minimum(targets, total * (1 - 1e-9))
+        block = torch.searchsorted(cumulative, targets.unsqueeze(1), right=True).squeeze(1).clamp(max=self.num_blocks - 1)
+        residual = targets - (cumulative[block] - block_sums[block])
+        inner = blocks[block].double().cumsum(1)
+        residual = torch.minimum(residual.clamp(min=0.0), inner[:, -1] * (1 - 1e-9))
+        position = torch.searchsorted(inner, residual.unsqueeze(1), right=True).squeeze(1).clamp(max=self.block - 1)
+        index = block * self.block + position
+
+        env = index // self.capacity
+        steps = torch.arange(self.n_step, device=self.device)
+        window = (index.unsqueeze(1) - env.unsqueeze(1) * self.capacity + steps) % self.capacity + env.unsqueeze(1) * self.capacity
+        ends = self.episode_end[window].float()
+        alive = torch.cat([torch.ones_like(ends[:, :1]), torch.cumprod(1.0 - ends, 1)[:, :-1]], 1)
+        returns = (self.rewards[window] * alive * self.discounts[:-1]).sum(1)
+        not_done = torch.cumprod(1.0 - ends, 1)[:, -1]
+        next_index = (index - env * self.capacity + self.n_step) % self.capacity + env * self.capacity
+        return dict(index=index, obs=self._stacks(index), actions=self.actions[index].long(), returns=returns,
+                    discounts=self.discounts[-1] * not_done, next_obs=self._stacks(next_index),
+                    probs=(self.priorities[index] / total).float())
+
+    def update_priorities(self, index: torch.Tensor, priorities: torch.Tensor):
+        self.priorities[index] = priorities
+        torch.maximum(self.max_priority, priorities.max(), out=self.max_priority)  # in place: CUDA graphs keep addresses
+
+
+def check_replay_fits(args: Args, device: torch.device):
+    needed = DeviceReplay.bytes_needed(args.buffer_size, args.frame_size)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        with open("/proc/meminfo") as meminfo:
+            free = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable"))
+    where = f"{device.type} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu (host RAM)"
+    print(f"replay: {args.buffer_size:,} transitions, {needed / 1e9:.2f} GB on {where}, {free / 1e9:.1f} GB free")
+    if needed > 0.9 * free:
+        fail(f"the replay needs {needed / 1e9:.2f} GB but only {free / 1e9:.1f} GB is free on {where}; "
+             f"lower --buffer-size (each transition takes {needed / args.buffer_size:.0f} bytes)")
+
+
+# Training
+def select_actions(net: QNetwork, obs: torch.Tensor, epsilon) -> torch.Tensor:
+    """Epsilon-greedy on the device (epsilon is a device scalar, so nothing waits for the host)."""
+    with torch.no_grad():
+        greedy = net.q_values(obs).argmax(1)
+    random_actions = torch.randint(0, net.num_actions, greedy.shape, device=obs.device)
+    return torch.where(torch.rand(greedy.shape, device=obs.device) < epsilon, random_actions, greedy)
+
+
+def importance_weights(probs: torch.Tensor) -> torch.Tensor:
+    """Dopamine's prioritized-replay correction: 1/sqrt(p), divided by its batch maximum."""
+    weights = 1.0 / torch.sqrt(probs + 1e-10)
+    return weights / weights.max()
+
+
+def advance_stack(obs: torch.Tensor, frames: torch.Tensor, ended: torch.Tensor) -> torch.Tensor:
+    """Push each env's new frame onto its stack; an env whose episode ended starts again from zeros."""
+    obs = torch.roll(obs, -1, 1) * ~ended.view(-1, 1, 1, 1, 1)
+    obs[:, -1] = frames
+    return obs
+
+
+def c51_losses(net: QNetwork, target_net: QNetwork, batch: dict, double_dqn: bool):
+    """Per-sample cross-entropy between the projected n-step target and the online distribution."""
+    logits = net(batch["obs"])
+    chosen = logits[torch.arange(logits.shape[0], device=logits.device), batch["actions"]]
+    with torch.no_grad():
+        next_probs = target_net(batch["next_obs"]).softmax(-1)
+        selector = net(batch["next_obs"]).softmax(-1) if double_dqn else next_probs
+        next_action = (selector * net.support).sum(-1).argmax(1)
+        next_dist = next_probs[torch.arange(next_probs.shape[0], device=logits.device), next_action]
+        target_support = batch["returns"].unsqueeze(1) + batch["discounts"].unsqueeze(1) * net.support
+        target = project_distribution(target_support, next_dist, net.support)
+    losses = -(target * chosen.log_softmax(-1)).sum(-1)
+    q_taken = (chosen.detach().softmax(-1) * net.support).sum(-1)
+    return losses, q_taken
+
+
+def make_optimizer(net: QNetwork, args: Args) -> torch.optim.Optimizer:
+    """Adam (AdamW with weight_decay 0 is Adam); on CUDA the fused kernel, one launch instead of dozens."""
+    on_cuda = next(net.parameters()).is_cuda
+    return torch.optim.AdamW(net.parameters(), lr=args.learning_rate, eps=args.adam_eps, weight_decay=args.weight_decay,
+                             fused=on_cuda or None, capturable=args.cudagraphs)
+
+
+def make_update(net: QNetwork, target_net: QNetwork, optimizer, replay: DeviceReplay, args: Args, stats: torch.Tensor):
+    """One gradient update, all on the device: sample, weighted C51 loss, optimizer step, new priorities, and the
+    running sums of loss and Q-value into `stats`."""
+    def update():
+        batch = replay.sample(args.batch_size)
+        losses, q_taken = c51_losses(net, target_net, batch, args.double_dqn)
+        loss = (losses * importance_weights(batch["probs"])).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        replay.update_priorities(batch["index"], torch.sqrt(losses.detach() + 1e-10))
+        stats.add_(torch.stack([losses.detach().mean(), q_taken.mean()]))
+    return update
+
+
+class CudaGraphed:
+    """fn(*tensors) run eagerly on a side stream for its first calls (lazy state, compilation), then captured once in
+    a CUDA graph and replayed: inputs are copied into static buffers, the output is the graph's static tensor. Every
+    call is a real call (capturing runs nothing)."""
+
+    def __init__(self, fn, warmup_calls: int = 3):
+        self.fn, self.warmup_calls, self.graph = fn, warmup_calls, None
+
+    def __call__(self, *inputs):
+        if self.graph is None and self.warmup_calls > 0:
+            self.warmup_calls -= 1
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                output = self.fn(*inputs)
+            torch.cuda.current_stream().wait_stream(stream)
+            return output
+        if self.graph is None:
+            self.static_inputs, self.graph = [x.clone() for x in inputs], torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.static_output = self.fn(*self.static_inputs)
+        [static.copy_(x) for static, x in zip(self.static_inputs, inputs)]
+        self.graph.replay()
+        return self.static_output
+
+
+def accelerated(fn, args: Args):
+    fn = torch.compile(fn) if args.compile else fn
+    return CudaGraphed(fn) if args.cudagraphs else fn
+
+
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Host to device without waiting for the work queued on the device (pinned memory, asynchronous copy)."""
+    tensor = torch.from_numpy(array)
+    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
+
+
+# args that may change when a run is resumed; the others define the experiment and must match the checkpoint's
+RUN_CONTROL_ARGS = {"resume", "total_timesteps", "output_dir", "cuda", "compile", "cudagraphs", "save_model",
+                    "eval_episodes", "log_every", "progress_seconds", "checkpoint_every", "checkpoint_replay"}
+
+
+def training_state(net, target_net, optimizer, replay: DeviceReplay, args: Args, loop: dict) -> dict:
+    """What a run needs to go on where it stands; the envs restart (see DeviceReplay.end_streams)."""
+    rng = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
+               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    return dict(script=os.path.basename(__file__), args=asdict(args), loop=loop, net=net.state_dict(),
+                target_net=target_net.state_dict(), optimizer=optimizer.state_dict(),
+                replay=replay.state_dict(args.checkpoint_replay), rng=rng)
+
+
+def restore_training_state(state: dict, net, target_net, optimizer, replay: DeviceReplay) -> dict:
+    net.load_state_dict(state["net"])
+    target_net.load_state_dict(state["target_net"])
+    optimizer.load_state_dict(state["optimizer"])
+    replay.load_state_dict(state["replay"])
+    torch.set_rng_state(state["rng"]["torch"]), np.random.set_state(state["rng"]["numpy"])
+    random.setstate(state["rng"]["python"])
+    if state["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state["loop"]
+
+
+def write_atomically(state: dict, path: str):
+    """Write, flush and fsync a temporary file, then rename it: `path` always holds a complete checkpoint."""
+    with open(path + ".tmp", "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    os.fsync(folder)  # makes the rename itself durable
+    os.close(folder)
+
+
+def read_checkpoint(run_dir: str, args: Args) -> dict:
+    """The run folder's checkpoint, if this script wrote it with the same experiment args; else one clear error."""
+    path = os.path.join(run_dir, "checkpoint.pt")
+    if not os.path.isfile(path):
+        fail(f"cannot resume: no complete checkpoint in '{run_dir}' (no checkpoint.pt)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # no second replay in memory
+        script, saved_args = state["script"], state["args"]
+    except Exception as error:  # truncated or corrupt files fail in pickle, zipfile or torch
+        fail(f"cannot resume: {path} is corrupt or truncated ({type(error).__name__})")
+    if script != os.path.basename(__file__):
+        fail(f"cannot resume: {path} was written by {script}, not {os.path.basename(__file__)}")
+    for name, value in asdict(args).items():
+        if name not in RUN_CONTROL_ARGS and saved_args.get(name) != value:
+            fail(f"cannot resume: --{name.replace('_', '-')} is {saved_args.get(name)} in the checkpoint, {value} here")
+    return state
+
+
+def evaluate(net: QNetwork, args: Args, device: torch.device, seed: int) -> list:
+    """`eval_episodes` episodes on unseen levels (the full distribution), one in each of as many parallel envs, so
+    that short episodes are not over-counted; epsilon `eval_epsilon`."""
+    envs = make_env(args, num_envs=args.eval_episodes, seed=seed, evaluation=True)
+    net.eval()
+    obs = torch.zeros(args.eval_episodes, args.frame_stack, 3, args.frame_size, args.frame_size, dtype=torch.uint8,
+                      device=device)
+    obs[:, -1] = torch.as_tensor(envs.reset(), device=device)
+    returns, playing = np.zeros(args.eval_episodes), np.ones(args.eval_episodes, dtype=bool)
+    while playing.any():
+        frames, rewards, terminated, truncated = envs.step(select_actions(net, obs, args.eval_epsilon).cpu().numpy())
+        returns += rewards * playing
+        playing &= ~(terminated | truncated)  # an env whose episode ended plays on, uncounted
+        ended = torch.as_tensor(terminated | truncated, device=device)
+        obs = advance_stack(obs, torch.as_tensor(frames, device=device), ended)
+    envs.close()
+    net.train()
+    return returns.tolist()
+
+
+def format_seconds(seconds: float) -> str:
+    return (f"{int(seconds) // 86400}d " if seconds >= 86400 else "") + time.strftime("%H:%M:%S", time.gmtime(seconds))
+
+
+def main(args: Args) -> dict:
+    validate_args(args)
+    start_time = time.time()
+    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if args.cudagraphs and device.type != "cuda":
+        fail("--cudagraphs needs a CUDA device (none is available, or --no-cuda was given)")
+    state = read_checkpoint(args.resume, args) if args.resume else None
+    loop = dict(global_step=0, updates=0, iteration_returns=[], returns_by_iteration=[], last_return=None,
+                diagnostics_obs=None, wall_seconds=0.0, resumes=0, learning_from=args.learning_starts,
+                eval_by_iteration=[], eval_returns=[])
+    loop = state["loop"] if state else loop
+
+    envs = make_env(args, seed=args.seed + 7919 * (loop["resumes"] + (state is not None)))  # new seeds on resume
+    run_name = f"{args.env_id.replace('/', '_').replace(':', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = args.resume or os.path.join(args.output_dir, run_name)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=run_dir).close()  # fails now, not at the first checkpoint, if unwritable
+    except OSError as error:
+        fail(f"cannot write to the run folder {run_dir}: {error.strerror}")
+
+    net = QNetwork(envs.num_actions, args).to(device)
+    target_net = QNetwork(envs.num_actions, args).to(device)
+    target_net.load_state_dict(net.state_dict())
+    optimizer = make_optimizer(net, args)
+    params_total = sum(p.numel() for p in net.parameters())
+    params_bottleneck = net.bottleneck.weight.numel()
+    print(f"network: {net.description}; bottleneck {params_bottleneck:,} weights, {params_total:,} parameters in "
+          f"all; device {device}")
+
+    check_replay_fits(args, device)
+    replay = DeviceReplay(args.buffer_size, args.num_envs, args.frame_size, args.frame_stack, args.n_step,
+                          args.gamma, device)
+    if state:
+        restore_training_state(state, net, target_net, optimizer, replay)
+        replay.end_streams()
+        loop["resumes"] += 1
+        if replay.adds == 0 and loop["global_step"] > 0:
+            loop["learning_from"] = loop["global_step"] + args.learning_starts
+            print(f"the checkpoint holds no replay: refilling it for {args.learning_starts:,} steps before learning")
+        print(f"resuming {run_dir} at step {loop['global_step']:,} (resume {loop['resumes']})")
+        del state  # frees the checkpoint's copy of the replay
+    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
+    stop_signals = []  # SIGTERM and SIGUSR1 (Slurm's warnings before preemption) checkpoint and exit with PREEMPTED
+    handlers = {sig: signal.signal(sig, lambda received, frame: stop_signals.append(received))
+                for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    writer = SummaryWriter(run_dir, purge_step=loop["global_step"] or None)  # drops events logged after the checkpoint
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+
+    obs = torch.zeros(args.num_envs, args.frame_stack, 3, args.frame_size, args.frame_size, dtype=torch.uint8, device=device)
+    obs[:, -1] = torch.as_tensor(envs.reset(), device=device)
+    episode_returns = np.zeros(args.num_envs)
+    episode_lengths = np.zeros(args.num_envs, dtype=np.int64)
+    iteration_returns, returns_by_iteration, last_return = loop["iteration_returns"], loop["returns_by_iteration"], loop["last_return"]
+    eval_by_iteration, eval_returns = loop["eval_by_iteration"], loop["eval_returns"]
+    stats = torch.zeros(2, device=device)  # running sums of the loss and the Q-value of the taken actions
+    update = accelerated(make_update(net, target_net, optimizer, replay, args, stats), args)
+    act = accelerated(lambda obs, epsilon: select_actions(net, obs, epsilon), args)
+    epsilon_on_device = torch.ones((), device=device)
+    stats_count, updates, global_step, epsilon = 0, loop["updates"], loop["global_step"], 1.0
+    diagnostics_obs = None if loop["diagnostics_obs"] is None else loop["diagnostics_obs"].to(device)
+    sps_start_time, sps_start_step, last_progress = time.time(), global_step, 0.0
+    loop_wall_seconds = loop["wall_seconds"]
+
+    while global_step < args.total_timesteps:
+        epsilon = 0.0 if args.noisy else linear_schedule(global_step, args.learning_starts, args.epsilon_decay_steps, args.end_e)
+        if epsilon >= 1.0:
+            actions = torch.randint(0, envs.num_actions, (args.num_envs,), device=device)
+        else:
+            actions = act(obs, epsilon_on_device.fill_(epsilon))
+        host_actions = actions.cpu().numpy()  # the loop's one wait for the device
+        previous_step, global_step = global_step, global_step + args.num_envs
+        # Updates are queued before the env step, so the device trains while the host steps the envs (this step's
+        # transition joins the replay after them; Dopamine stores it first).
+        due = global_step // args.train_frequency - previous_step // args.train_frequency
+        new_updates = due if global_step > loop["learning_from"] and replay.adds > args.n_step else 0  # something to sample
+        for _ in range(new_updates):
+            update()
+        stats_count, updates = stats_count + new_updates, updates + new_updates
+        frames, rewards, terminated, truncated = envs.step(host_actions)
+
+        episode_returns += rewards
+        episode_lengths += 1
+        for i in np.flatnonzero(terminated | truncated):
+            last_return = float(episode_returns[i])
+            iteration_returns.append(last_return)
+            writer.add_scalar("charts/episodic_return", last_return, global_step)
+            writer.add_scalar("charts/episodic_length", int(episode_lengths[i]), global_step)
+            episode_returns[i], episode_lengths[i] = 0.0, 0
+
+        terminated_on_device, truncated_on_device = to_device(terminated, device), to_device(truncated, device)
+        replay.add(obs[:, -1], actions, to_device(rewards, device).clamp(-1.0, 1.0), terminated_on_device,
+                   truncated_on_device)
+        obs = advance_stack(obs, to_device(frames, device), terminated_on_device | truncated_on_device)
+
+        if global_step // args.target_network_frequency != previous_step // args.target_network_frequency:
+            target_net.load_state_dict(net.state_dict())
+
+        checkpoint_due = args.checkpoint_every and global_step // args.checkpoint_every != previous_step // args.checkpoint_every
+        if global_step // args.log_every != previous_step // args.log_every or checkpoint_due or stop_signals:
+            if stats_count:  # the only reads of device values in the loop
+                loss_mean, q_mean = (stats / stats_count).tolist()
+                if not (math.isfinite(loss_mean) and math.isfinite(q_mean)):
+                    fail(f"the loss became {loss_mean} and the Q-value {q_mean} by step {global_step:,}; stopped, "
+                         f"the last good checkpoint stays in {run_dir}", DIVERGED)
+                writer.add_scalar("losses/td_loss", loss_mean, global_step)
+                writer.add_scalar("losses/q_values", q_mean, global_step)
+                stats.zero_()
+                stats_count = 0
+            writer.add_scalar("charts/epsilon", epsilon, global_step)
+            writer.add_scalar("charts/SPS", (global_step - sps_start_step) / (time.time() - sps_start_time), global_step)
+
+        if global_step // args.diagnostics_every != previous_step // args.diagnostics_every and replay.adds > args.n_step + 1:
+            if diagnostics_obs is None:  # fixed once, so the curves compare the network with itself
+                diagnostics_obs = replay.sample(args.diagnostics_batch_size)["obs"]
+            dormant = dormant_fractions(net, diagnostics_obs, args.dormant_tau)
+            with torch.no_grad():
+                feature_norm = net.bottleneck_features(diagnostics_obs).norm(dim=1).mean().item()
+            writer.add_scalar("diagnostics/dormant_fraction_phi", dormant["phi"], global_step)
+            writer.add_scalar("diagnostics/dormant_fraction_psi", dormant["psi"], global_step)
+            writer.add_scalar("diagnostics/bottleneck_feature_norm", feature_norm, global_step)
+
+        if global_step // args.iteration_steps != previous_step // args.iteration_steps or global_step >= args.total_timesteps:
+            mean_return = float(np.mean(iteration_returns)) if iteration_returns else None
+            returns_by_iteration.append(dict(step=global_step, mean_return=mean_return, episodes=len(iteration_returns)))
+            if mean_return is not None:
+                writer.add_scalar("charts/iteration_mean_return", mean_return, global_step)
+            iteration_returns = []
+            if args.eval_episodes > 0:
+                evaluated_in = time.time()
+                eval_returns = evaluate(net, args, device, seed=args.seed + 10_000 * len(returns_by_iteration))
+                eval_by_iteration.append(dict(step=global_step, mean_return=float(np.mean(eval_returns)),
+                                              episodes=len(eval_returns)))
+                writer.add_scalar("eval/mean_return", eval_by_iteration[-1]["mean_return"], global_step)
+                sps_start_time += time.time() - evaluated_in  # SPS counts training time only
+                print(f"evaluation at step {global_step:,}: mean return {eval_by_iteration[-1]['mean_return']:.2f} "
+                      f"over {len(eval_returns)} episodes in {time.time() - evaluated_in:.0f} s", flush=True)
+
+        if updates - new_updates < 10 <= updates:  # SPS counts from the 10th update: learning runs, compilation is done
+            sps_start_time, sps_start_step = time.time(), global_step
+        if time.time() - last_progress > args.progress_seconds or global_step >= args.total_timesteps:
+            last_progress = time.time()
+            sps = (global_step - sps_start_step) / max(time.time() - sps_start_time, 1e-9)
+            eta = (args.total_timesteps - global_step) / max(sps, 1e-9)
+            print(f"step {global_step:,}/{args.total_timesteps:,} ({100 * global_step / args.total_timesteps:.1f}%) "
+                  f"| {sps:.0f} SPS | ETA {format_seconds(eta)} | updates {updates:,} | epsilon {epsilon:.3f} "
+                  f"| last return {last_return if last_return is not None else '-'}", flush=True)
+
+        if checkpoint_due or stop_signals:  # after the stats read above: nothing diverged up to here
+            loop.update(global_step=global_step, updates=updates, iteration_returns=iteration_returns,
+                        returns_by_iteration=returns_by_iteration, last_return=last_return,
+                        eval_by_iteration=eval_by_iteration, eval_returns=eval_returns,
+                        diagnostics_obs=None if diagnostics_obs is None else diagnostics_obs.cpu(),
+                        wall_seconds=loop_wall_seconds + time.time() - start_time)
+            written_in = time.time()
+            write_atomically(training_state(net, target_net, optimizer, replay, args, loop), checkpoint_path)
+            print(f"checkpoint at step {global_step:,}: {os.path.getsize(checkpoint_path) / 1e9:.2f} GB in "
+                  f"{time.time() - written_in:.1f} s", flush=True)
+        if stop_signals:
+            print(f"{signal.Signals(stop_signals[0]).name}: checkpointed step {global_step:,}; exiting with code "
+                  f"{PREEMPTED}, continue with --resume {run_dir}", flush=True)
+            writer.close(), envs.close()
+            raise SystemExit(PREEMPTED)
+
+    envs.close()
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+    summary = dict(
+        script=os.path.basename(__file__), args=asdict(args), env_id=args.env_id, seed=args.seed,
+        env_steps=global_step, frames=global_step * envs.frames_per_step,
+        updates=updates, wall_seconds=loop_wall_seconds + time.time() - start_time, device=str(device),
+        sps=(global_step - sps_start_step) / max(time.time() - sps_start_time, 1e-9),
+        params_total=params_total, params_bottleneck=params_bottleneck, returns_by_iteration=returns_by_iteration,
+        final_return=returns_by_iteration[-1]["mean_return"] if returns_by_iteration else None,
+        eval_by_iteration=eval_by_iteration, eval_returns=eval_returns,
+        eval_return=eval_by_iteration[-1]["mean_return"] if eval_by_iteration else None)
+    summary.update(train_return=summary["final_return"], test_return=summary["eval_return"],  # on unseen levels
+                   normalized_score=normalized_score(args.env_id, args.distribution_mode, summary["eval_return"]))
+    if args.save_model:
+        torch.save({"model": net.state_dict(), "args": asdict(args)}, os.path.join(run_dir, "model.pt"))
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    writer.close()
+    print(f"done: {global_step:,} steps, {updates:,} updates in {format_seconds(summary['wall_seconds'])}; "
+          f"final return {summary['final_return']}, evaluation on unseen levels {summary['eval_return']} "
+          f"(normalised {summary['normalized_score']}); run folder {run_dir}")
+    summary["run_dir"] = run_dir
+    return summary
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -121,6 +121,8 @@ class Args:
     """phi: the Impala ResNet (16, 32, 32 channels) or the Nature CNN of Mnih et al. (2015)"""
     encoder_scale: float = 1.0
     """width multiplier of phi's channels"""
+    encoder_extra_blocks: int = 0
+    """residual blocks added to the last stack of the Impala phi (Figure 4's deeper encoder: the paper adds 2 or 4)"""
     pooling: Literal["flatten", "gap", "max"] = "gap"
     """the bottleneck: flatten (baseline), global average pooling (eq. 1) or global max pooling"""
     scale: int = 1
@@ -159,8 +161,8 @@ class Args:
     """the support is [-v_max, v_max]"""
     batch_size: int = 32
     """transitions per gradient update"""
-    train_frequency: int = 4
-    """agent steps per gradient update (replay ratio 1/train_frequency)"""
+    train_frequency: float = 4
+    """agent steps per gradient update: the replay ratio is 1/train_frequency (0.5: the paper's replay ratio 2)"""
     target_network_frequency: int = 8000
     """agent steps between hard target-network updates"""
     learning_starts: int = 20_000
@@ -209,6 +211,8 @@ def validate_args(args: Args):
             fail(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
     if args.num_atoms < 2 or not 0.0 <= args.gamma <= 1.0:
         fail("--num-atoms must be at least 2, --gamma within [0, 1]")
+    if args.encoder_extra_blocks < 0 or (args.encoder_extra_blocks and args.encoder != "impala"):
+        fail("--encoder-extra-blocks must not be negative, and it deepens only the Impala encoder")
     if args.buffer_size // args.num_envs <= args.n_step + args.frame_stack:
         fail(f"--buffer-size {args.buffer_size} is too small for {args.num_envs} envs, n-step {args.n_step} "
              f"and a stack of {args.frame_stack}")
@@ -369,11 +373,11 @@ class ResidualBlock(nn.Module):
 
 
 class ImpalaStack(nn.Module):
-    def __init__(self, in_channels: int, channels: int):
+    def __init__(self, in_channels: int, channels: int, blocks: int = 2):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, channels, 3, padding=1)
         nn.init.xavier_uniform_(self.conv.weight), nn.init.zeros_(self.conv.bias)
-        self.blocks = nn.Sequential(ResidualBlock(channels), ResidualBlock(channels))
+        self.blocks = nn.Sequential(*[ResidualBlock(channels) for _ in range(blocks)])
 
     def forward(self, x):
         x = F.max_pool2d(pad_same(self.conv(x), 3, 2, float("-inf")), 3, 2)
@@ -381,10 +385,11 @@ class ImpalaStack(nn.Module):
 
 
 class ImpalaEncoder(nn.Module):
-    def __init__(self, in_channels: int, scale: float):
+    def __init__(self, in_channels: int, scale: float, extra_blocks: int = 0):
         super().__init__()
         widths = [max(1, round(c * scale)) for c in (16, 32, 32)]
-        self.stacks = nn.Sequential(*[ImpalaStack(i, o) for i, o in zip([in_channels] + widths[:-1], widths)])
+        blocks = [2, 2, 2 + extra_blocks]  # extra blocks deepen phi and keep its output's shape
+        self.stacks = nn.Sequential(*[ImpalaStack(i, o, b) for i, o, b in zip([in_channels] + widths[:-1], widths, blocks)])
         self.relu = nn.ReLU()
 
     def forward(self, x):
@@ -458,8 +463,10 @@ class QNetwork(nn.Module):
     def __init__(self, num_actions: int, args: Args):
         super().__init__()
         self.num_actions, self.num_atoms, self.dueling = num_actions, args.num_atoms, args.dueling
-        encoder_cls = ImpalaEncoder if args.encoder == "impala" else NatureEncoder
-        self.phi = encoder_cls(3 * args.frame_stack, args.encoder_scale)  # RGB stacks: frame-major channels
+        if args.encoder == "impala":  # RGB stacks: frame-major channels
+            self.phi = ImpalaEncoder(3 * args.frame_stack, args.encoder_scale, args.encoder_extra_blocks)
+        else:
+            self.phi = NatureEncoder(3 * args.frame_stack, args.encoder_scale)
         self.pool = Bottleneck(args.pooling)
         with torch.no_grad():
             self.feature_shape = tuple(self.phi(torch.zeros(1, 3 * args.frame_stack, args.frame_size, args.frame_size)).shape[1:])
@@ -908,7 +915,7 @@ def main(args: Args) -> dict:
         previous_step, global_step = global_step, global_step + args.num_envs
         # Updates are queued before the env step, so the device trains while the host steps the envs (this step's
         # transition joins the replay after them; Dopamine stores it first).
-        due = global_step // args.train_frequency - previous_step // args.train_frequency
+        due = int(global_step // args.train_frequency) - int(previous_step // args.train_frequency)
         new_updates = due if global_step > loop["learning_from"] and replay.adds > args.n_step else 0  # something to sample
         for _ in range(new_updates):
             update()

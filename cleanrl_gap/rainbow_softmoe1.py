@@ -107,6 +107,8 @@ class Args:
     """phi: the Impala ResNet (16, 32, 32 channels) or the Nature CNN of Mnih et al. (2015)"""
     encoder_scale: float = 1.0
     """width multiplier of phi's channels"""
+    encoder_extra_blocks: int = 0
+    """residual blocks added to the last stack of the Impala phi (Figure 4's deeper encoder: the paper adds 2 or 4)"""
     scale: int = 1
     """width multiplier of the experts: their hidden layer has 512*scale units (1, 2, 4, 8 in the paper)"""
     num_experts: int = 1
@@ -145,8 +147,8 @@ class Args:
     """the support is [-v_max, v_max]"""
     batch_size: int = 32
     """transitions per gradient update"""
-    train_frequency: int = 4
-    """agent steps per gradient update (replay ratio 1/train_frequency)"""
+    train_frequency: float = 4
+    """agent steps per gradient update: the replay ratio is 1/train_frequency (0.5: the paper's replay ratio 2)"""
     target_network_frequency: int = 8000
     """agent steps between hard target-network updates"""
     learning_starts: int = 20_000
@@ -195,6 +197,8 @@ def validate_args(args: Args):
             fail(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
     if args.num_atoms < 2 or not 0.0 <= args.gamma <= 1.0 or not 0.0 <= args.sticky_action_prob <= 1.0:
         fail("--num-atoms must be at least 2, --gamma and --sticky-action-prob within [0, 1]")
+    if args.encoder_extra_blocks < 0 or (args.encoder_extra_blocks and args.encoder != "impala"):
+        fail("--encoder-extra-blocks must not be negative, and it deepens only the Impala encoder")
     if args.buffer_size // args.num_envs <= args.n_step + args.frame_stack:
         fail(f"--buffer-size {args.buffer_size} is too small for {args.num_envs} envs, n-step {args.n_step} "
              f"and a stack of {args.frame_stack}")
@@ -359,11 +363,11 @@ class ResidualBlock(nn.Module):
 
 
 class ImpalaStack(nn.Module):
-    def __init__(self, in_channels: int, channels: int):
+    def __init__(self, in_channels: int, channels: int, blocks: int = 2):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, channels, 3, padding=1)
         nn.init.xavier_uniform_(self.conv.weight), nn.init.zeros_(self.conv.bias)
-        self.blocks = nn.Sequential(ResidualBlock(channels), ResidualBlock(channels))
+        self.blocks = nn.Sequential(*[ResidualBlock(channels) for _ in range(blocks)])
 
     def forward(self, x):
         x = F.max_pool2d(pad_same(self.conv(x), 3, 2, float("-inf")), 3, 2)
@@ -371,10 +375,11 @@ class ImpalaStack(nn.Module):
 
 
 class ImpalaEncoder(nn.Module):
-    def __init__(self, in_channels: int, scale: float):
+    def __init__(self, in_channels: int, scale: float, extra_blocks: int = 0):
         super().__init__()
         widths = [max(1, round(c * scale)) for c in (16, 32, 32)]
-        self.stacks = nn.Sequential(*[ImpalaStack(i, o) for i, o in zip([in_channels] + widths[:-1], widths)])
+        blocks = [2, 2, 2 + extra_blocks]  # extra blocks deepen phi and keep its output's shape
+        self.stacks = nn.Sequential(*[ImpalaStack(i, o, b) for i, o, b in zip([in_channels] + widths[:-1], widths, blocks)])
         self.relu = nn.ReLU()
 
     def forward(self, x):
@@ -480,8 +485,10 @@ class QNetwork(nn.Module):
     def __init__(self, num_actions: int, args: Args):
         super().__init__()
         self.num_actions, self.num_atoms, self.dueling = num_actions, args.num_atoms, args.dueling
-        encoder_cls = ImpalaEncoder if args.encoder == "impala" else NatureEncoder
-        self.phi = encoder_cls(args.frame_stack, args.encoder_scale)
+        if args.encoder == "impala":
+            self.phi = ImpalaEncoder(args.frame_stack, args.encoder_scale, args.encoder_extra_blocks)
+        else:
+            self.phi = NatureEncoder(args.frame_stack, args.encoder_scale)
         with torch.no_grad():
             self.feature_shape = tuple(self.phi(torch.zeros(1, args.frame_stack, args.frame_size, args.frame_size)).shape[1:])
         c, h, w = self.feature_shape
@@ -924,7 +931,7 @@ def main(args: Args) -> dict:
         previous_step, global_step = global_step, global_step + args.num_envs
         # Updates are queued before the env step, so the device trains while the host steps the envs (this step's
         # transition joins the replay after them; Dopamine stores it first).
-        due = global_step // args.train_frequency - previous_step // args.train_frequency
+        due = int(global_step // args.train_frequency) - int(previous_step // args.train_frequency)
         new_updates = due if global_step > loop["learning_from"] and replay.adds > args.n_step else 0  # something to sample
         for _ in range(new_updates):
             update()

@@ -78,6 +78,15 @@ def test_same_seed_gives_identical_losses(name, tmp_path):
     assert losses[0] == losses[1]
 
 
+def test_a_fractional_train_frequency_gives_several_updates_a_step(tmp_path):
+    """--train-frequency 0.5: two updates an agent step, the paper's replay ratio of 2."""
+    module = load_script("rainbow_impala_gap")
+    summary = module.main(module.Args(env_backend="gymnasium", env_id="tests.catch_env:Catch-v0", frame_size=24,
+                                      total_timesteps=60, learning_starts=40, buffer_size=500, train_frequency=0.5,
+                                      progress_seconds=1e9, cuda=False, output_dir=str(tmp_path)))
+    assert summary["updates"] == 2 * (60 - 40)
+
+
 BAD_INPUTS = [
     (["--env-id", "NoSuchGame-v5"], "unknown env id"),
     (["--env-backend", "gymnasium", "--env-id", "ALE/NoSuchGame-v5"], "cannot make env"),
@@ -90,6 +99,7 @@ BAD_INPUTS = [
     (["--env-backend", "gymnasium", "--env-id", "tests.catch_env:ContinuousCatch-v0"], "needs discrete actions"),
     (["--output-dir", "/dev/null/runs"], "cannot write to the run folder"),
     (["--checkpoint-every", "-1"], "--checkpoint-every must not be negative"),
+    (["--encoder", "nature", "--encoder-extra-blocks", "2"], "deepens only the Impala encoder"),
 ]
 
 

@@ -33,6 +33,16 @@ def test_depth_and_encoder_scale():
     assert net.feature_shape == (64, 11, 11)
 
 
+def test_extra_encoder_blocks_deepen_the_last_impala_stack():
+    """Figure 4: residual blocks of two 3x3 convolutions (32 -> 32 channels, with biases) added to phi's last stack."""
+    base, deeper = gap.QNetwork(6, gap.Args()), gap.QNetwork(6, gap.Args(encoder_extra_blocks=4))
+    count = lambda module: sum(p.numel() for p in module.parameters())
+    assert count(deeper.phi) - count(base.phi) == 4 * 2 * (3 * 3 * 32 * 32 + 32)
+    assert [len(stack.blocks) for stack in deeper.phi.stacks] == [2, 2, 6]
+    assert deeper.feature_shape == base.feature_shape == (32, 11, 11)
+    assert deeper(torch.zeros(2, 4, 84, 84, dtype=torch.uint8)).shape == (2, 6, 51)
+
+
 def test_gap_is_equation_1_and_max_is_global_max():
     torch.manual_seed(0)
     maps = torch.randn(3, 5, 7, 6)  # (batch, C, H, W)

@@ -589,31 +589,51 @@ class DeviceReplay:
         self.max_priority = torch.ones((), device=device)
         self.discounts = gamma ** torch.arange(n_step + 1, dtype=torch.float32, device=device)
         self.env_offset = torch.arange(num_envs, device=device) * self.capacity
-        self.cursor, self.adds = 0, 0
+        self.cursor, self.adds, self.staged = 0, 0, []
+        # steps held back at most; fewer than the ring's free slots, so one flush never writes a slot twice
+        self.max_staged = min(32, self.capacity - n_step - stack)
 
     def add(self, frames, actions, rewards, terminated, truncated):
-        """Append one step for every env (tensors of shape (num_envs, ...) on the device)."""
-        slot = self.env_offset + self.cursor
+        """Hand over one step for every env (tensors of shape (num_envs, ...) on the device). Steps are held back and
+        written together by flush(), a few launches for many steps (on a GPU, small launches cost more than their
+        work); every read (sample, state_dict, end_streams) flushes first, so what they see is the same."""
+        self.staged.append((frames, actions.to(torch.int32, copy=True), rewards, terminated, truncated))  # a copy:
+        self.adds += 1                             # the graphed action selection reuses its output tensor
+        if len(self.staged) >= self.max_staged:
+            self.flush()
+
+    def flush(self):
+        """Write the held-back steps; the result equals writing them one at a time (see tests/test_replay.py)."""
+        steps = len(self.staged)
+        if steps == 0:
+            return
+        frames, actions, rewards, terminated, truncated = (
+            field[0].unsqueeze(0) if steps == 1 else torch.stack(field) for field in zip(*self.staged))
+        self.staged = []
+        offset = self.env_offset.unsqueeze(0)
+        slot = offset + (self.cursor + torch.arange(steps, device=self.device).unsqueeze(1)) % self.capacity
         self.frames[slot] = frames
-        self.actions[slot] = actions.int()
+        self.actions[slot] = actions
         self.rewards[slot] = rewards
         self.terminal[slot] = terminated
         self.episode_end[slot] = terminated | truncated
-        # this slot and the next ones, whose frame history now begins with this step's (newer) frame, are unsampleable
-        later = (self.cursor + torch.arange(self.stack, device=self.device)) % self.capacity
-        self.priorities[(self.env_offset.unsqueeze(1) + later).flatten()] = 0.0
-        self.adds += 1
-        self.cursor = (self.cursor + 1) % self.capacity
-        if self.adds > self.n_step:  # the slot n steps back now has its whole n-step future
-            start = self.env_offset + (self.cursor - 1 - self.n_step) % self.capacity
-            window = (start.unsqueeze(1) - self.env_offset.unsqueeze(1) + torch.arange(self.n_step, device=self.device)
-                      ) % self.capacity + self.env_offset.unsqueeze(1)
+        # each new slot and the stack - 1 after it, whose frame history now begins with a newer frame, are unsampleable
+        later = (self.cursor + torch.arange(steps + self.stack - 1, device=self.device)) % self.capacity
+        self.priorities[(offset + later.unsqueeze(1)).flatten()] = 0.0
+        # the step written k-th completes the n-step future of the slot n_step before it, once that slot exists
+        first = max(0, self.n_step - (self.adds - steps))
+        if first < steps:
+            back = (self.cursor - self.n_step + torch.arange(first, steps, device=self.device)) % self.capacity
+            window = (back.unsqueeze(1) + torch.arange(self.n_step, device=self.device)) % self.capacity
+            window = offset.unsqueeze(2) + window.unsqueeze(1)  # (steps, env, n_step)
             ends, terminal = self.episode_end[window], self.terminal[window]
-            ended_before = torch.cumsum(ends.int(), 1) - ends.int() > 0
-            truncated_first = (ends & ~terminal & ~ended_before).any(1)
-            self.priorities[start] = torch.where(truncated_first, 0.0, self.max_priority)
+            ended_before = torch.cumsum(ends.int(), 2) - ends.int() > 0
+            truncated_first = (ends & ~terminal & ~ended_before).any(2)
+            self.priorities[offset + back.unsqueeze(1)] = torch.where(truncated_first, 0.0, self.max_priority)
+        self.cursor = (self.cursor + steps) % self.capacity
 
     def state_dict(self, with_contents: bool) -> dict:
+        self.flush()
         if not with_contents:  # the resumed run starts from an empty replay
             return dict(max_priority=self.max_priority.cpu(), cursor=0, adds=0)
         names = ["frames", "actions", "rewards", "terminal", "episode_end", "priorities", "max_priority"]
@@ -623,11 +643,12 @@ class DeviceReplay:
         for name, value in state.items():
             if isinstance(value, torch.Tensor):
                 getattr(self, name).copy_(value)  # in place, so the tensors keep their (graph-captured) addresses
-        self.cursor, self.adds = state["cursor"], state["adds"]
+        self.cursor, self.adds, self.staged = state["cursor"], state["adds"], []
 
     def end_streams(self):
         """End every env's stream with a truncation where an episode was running (a resumed run's envs start new
         episodes): no stack or n-step window reaches across."""
+        self.flush()
         if self.adds == 0:
             return
         last = self.env_offset + (self.cursor - 1) % self.capacity
@@ -649,6 +670,7 @@ class DeviceReplay:
 
     def sample(self, batch_size: int) -> dict:
         """Stratified prioritized sample: obs, actions, n-step returns and discounts, next obs, probabilities."""
+        self.flush()  # in eager code; graph-captured updates replay without Python, so the loop flushes before them
         blocks = self.priorities.view(self.num_blocks, self.block)
         block_sums = blocks.sum(1, dtype=torch.float64)
         cumulative = block_sums.cumsum(0)
@@ -949,6 +971,8 @@ def main(args: Args) -> dict:
         # transition joins the replay after them; Dopamine stores it first).
         due = int(global_step // args.train_frequency) - int(previous_step // args.train_frequency)
         new_updates = due if global_step > loop["learning_from"] and replay.adds > args.n_step else 0  # something to sample
+        if new_updates:
+            replay.flush()
         for _ in range(new_updates):
             update()
         stats_count, updates = stats_count + new_updates, updates + new_updates

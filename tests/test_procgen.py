@@ -96,6 +96,7 @@ def test_replay_rebuilds_colour_stacks_zero_padded_at_episode_starts():
                    torch.zeros(num_envs, dtype=torch.bool))
         if t + 1 < steps:
             obs = procgen_gap.advance_stack(obs, torch.from_numpy(frames[t + 1]), torch.from_numpy(ended[t]))
+    replay.flush()  # 40 steps: one batch of 32 written by itself, 8 held back until now
     for env in range(num_envs):
         for t in range(steps):
             expected = np.zeros((stack, 3, size, size), np.uint8)  # brute force: walk back until an episode start

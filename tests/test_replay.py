@@ -103,11 +103,42 @@ def test_samples_match_brute_force(steps, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("capacity", [8, 12, 60])
+def test_batched_writes_equal_writes_one_step_at_a_time(capacity, device):
+    """flush() writes many held-back steps at once; every tensor must equal writing them one at a time, across
+    ring wrap-arounds, for any chunking (the loop flushes before each update, so chunks follow the replay ratio)."""
+    steps = 5 * capacity
+    stream = random_stream(steps, seed=capacity)
+    one_at_a_time, batched = (gap.DeviceReplay(capacity * NUM_ENVS, NUM_ENVS, 2, STACK, N_STEP, GAMMA,
+                                               torch.device(device)) for _ in range(2))
+    rng = np.random.default_rng(capacity)
+    for replay in (one_at_a_time, batched):
+        replay.max_priority.fill_(2.5)  # not the initial 1, so a slot left unset would show
+    for t in range(steps):
+        tensors = [np.stack([frame_of(t, e) for e in range(NUM_ENVS)]), stream["actions"][t], stream["rewards"][t],
+                   stream["terminated"][t], stream["truncated"][t]]
+        for replay in (one_at_a_time, batched):
+            replay.add(*[torch.tensor(x, device=device) for x in tensors])
+        one_at_a_time.flush()
+        if rng.random() < 0.15:  # the batched replay also flushes by itself at max_staged steps
+            batched.flush()
+        if t % 23 == 22 or t == steps - 1:
+            for replay in (one_at_a_time, batched):
+                replay.flush()
+            for name in ["frames", "actions", "rewards", "terminal", "episode_end", "priorities"]:
+                torch.testing.assert_close(getattr(batched, name), getattr(one_at_a_time, name), rtol=0, atol=0,
+                                           msg=lambda m: f"{name} after step {t}: {m}")
+            assert (batched.cursor, batched.adds) == (one_at_a_time.cursor, one_at_a_time.adds)
+    assert batched.max_staged == min(32, capacity - N_STEP - STACK)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_prioritized_sampling_frequencies_and_probabilities(device):
     capacity, steps = 300, 700
     stream = random_stream(steps, seed=1)
     replay = gap.DeviceReplay(capacity * NUM_ENVS, NUM_ENVS, 2, STACK, N_STEP, GAMMA, torch.device(device))
     fill(replay, stream, steps)
+    replay.flush()
     valid = torch.nonzero(replay.priorities > 0).squeeze(1)
     generator = np.random.default_rng(2)
     new_priorities = torch.tensor(generator.uniform(0.05, 3.0, size=len(valid)), dtype=torch.float32, device=device)
@@ -134,6 +165,7 @@ def test_prioritized_sampling_frequencies_and_probabilities(device):
     fill_more["terminated"][:] = False
     fill_more["truncated"][:] = False
     fill(replay, fill_more, N_STEP + 2)
+    replay.flush()
     newest_complete = replay.env_offset + (replay.cursor - 1 - N_STEP) % capacity
     torch.testing.assert_close(replay.priorities[newest_complete], replay.max_priority.expand(NUM_ENVS))
 
@@ -151,6 +183,7 @@ def test_acting_stack_matches_replay_stack(device):
         torch.testing.assert_close(obs, expected)
         step = [stream[key][t] for key in ("actions", "rewards", "terminated", "truncated")]
         replay.add(obs[:, -1], *[torch.tensor(x, device=device) for x in step])
+        replay.flush()
         torch.testing.assert_close(replay._stacks(replay.env_offset + t), expected)
         ended = torch.tensor(stream["terminated"][t] | stream["truncated"][t], device=device)
         frames = torch.tensor(np.stack([frame_of(t + 1, e) for e in range(NUM_ENVS)]), device=device)

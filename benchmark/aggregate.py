@@ -6,11 +6,12 @@
 
 Each run folder's summary.json gives its script, args, env and score: the final iteration's mean training return
 (as Dopamine reports its ALE runs), or, for scripts that evaluate after every iteration (`eval_by_iteration`: DER on
-Atari 100k, Procgen), the final evaluation, as those benchmarks report. Atari scores are human-normalised, (score -
-random) / (human - random), with the table rliable uses (benchmark/reference/atari_human_random.csv); Procgen scores
-are min-max normalised with the easy-mode ranges (benchmark/reference/procgen_norm.csv). A method is the script with its
-args except seed, env and run control, or only the `--group-by` args; its label names the script and the args
-that differ from the script's defaults, e.g. `rainbow_impala_gap pooling=flatten scale=4`.
+Atari 100k, Procgen), the final evaluation, as those benchmarks report; `--iteration K` takes iteration K's instead.
+Atari scores are human-normalised, (score - random) / (human - random), with the table rliable uses
+(benchmark/reference/atari_human_random.csv); Procgen scores are min-max normalised with the easy-mode ranges
+(benchmark/reference/procgen_norm.csv). A method is the script with its args except seed, env and run control, or
+only the `--group-by` args; its label names the script and the args that differ from the script's defaults, e.g.
+`rainbow_impala_gap pooling=flatten scale=4`.
 
 Metrics over a score matrix (runs x games), as rliable defines them:
   iqm             mean of the middle 50% of all run-game scores (25% trimmed from each end)
@@ -33,7 +34,7 @@ import re
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import tyro
@@ -63,6 +64,9 @@ class Args:
     """seed of the bootstrap"""
     plots: bool = True
     """draw the PNG plots next to aggregate.csv (`--no-plots`: the tables only)"""
+    iteration: Optional[int] = None
+    """score each run at this iteration (1 = the first) instead of its last, e.g. 100 for 100M frames of 200M-frame
+    runs (Figure 10); runs without a return at that iteration are reported and skipped"""
 
 
 def iqm(scores: np.ndarray) -> float:
@@ -160,8 +164,9 @@ def frames_per_step(summary: dict) -> float:
     return summary["args"].get("frame_skip", 4)
 
 
-def load_runs(run_dirs: List[str], group_by: List[str]) -> List[Run]:
-    """The runs with a summary.json and a final score; the others are reported and skipped."""
+def load_runs(run_dirs: List[str], group_by: List[str], iteration: Optional[int] = None) -> List[Run]:
+    """The runs with a summary.json and a final score (or a score at `iteration`, their curves cut there); the
+    others are reported and skipped."""
     table, runs = reference_table(), []
     for run_dir in run_dirs:
         path = os.path.join(run_dir, "summary.json")
@@ -171,13 +176,17 @@ def load_runs(run_dirs: List[str], group_by: List[str]) -> List[Run]:
         summary = json.load(open(path))
         evaluated = "eval_by_iteration" in summary  # DER and Procgen report their evaluations, as those benchmarks do
         score = summary.get("eval_return" if evaluated else "final_return")
+        points = summary.get("eval_by_iteration" if evaluated else "returns_by_iteration", [])
+        if iteration is not None:
+            points = points[:iteration]
+            score = points[-1]["mean_return"] if len(points) == iteration else None
         if score is None:
-            print(f"skipping {run_dir}: no final return in summary.json", file=sys.stderr)
+            at = f"iteration {iteration}" if iteration is not None else "the end"
+            print(f"skipping {run_dir}: no return at {at} in summary.json", file=sys.stderr)
             continue
         env_id, skip = summary["env_id"], frames_per_step(summary)
         curve = [(point["step"] * skip, float("nan") if point["mean_return"] is None else
-                  normalised_score(env_id, point["mean_return"], table))
-                 for point in summary.get("eval_by_iteration" if evaluated else "returns_by_iteration", [])]
+                  normalised_score(env_id, point["mean_return"], table)) for point in points]
         runs.append(Run(run_dir, summary, method_label(summary, group_by), method_label(summary, group_by, ["scale"]),
                         game_name(env_id), normalised_score(env_id, score, table), curve))
     return runs
@@ -211,7 +220,9 @@ def aggregate(scores: Dict[str, Dict[str, List[float]]], reps: int, seed: int) -
 
 
 def main(args: Args) -> List[dict]:
-    runs = load_runs(args.run_dirs, args.group_by)
+    if args.iteration is not None and args.iteration < 1:
+        raise SystemExit(f"error: --iteration counts from 1, got {args.iteration}")
+    runs = load_runs(args.run_dirs, args.group_by, args.iteration)
     rows = aggregate(scores_by_method(runs), args.reps, args.seed)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "aggregate.csv"), "w", newline="") as f:

@@ -127,3 +127,34 @@ def test_scripts_that_evaluate_every_iteration_are_scored_on_their_final_evaluat
     runs = {os.path.basename(run.folder): run for run in aggregate.load_runs(sorted(map(str, tmp_path.iterdir())), [])}
     assert {name: run.score for name, run in runs.items()} == pytest.approx(dict(der=0.5, procgen=0.5, ale=0.5))
     assert [point[1] for point in runs["der"].curve] == pytest.approx([0.0, 0.5])  # the curve of evaluations
+
+
+def test_iteration_scores_each_run_at_that_iteration(tmp_path, capsys):
+    """--iteration K: iteration K's return (or evaluation) is the score and the curve stops there; a run that has no
+    return at K is reported and skipped."""
+    def points(returns):
+        return [dict(step=10 * (k + 1), mean_return=r, episodes=0 if r is None else 3) for k, r in enumerate(returns)]
+    summaries = {"ale": dict(script="rainbow_impala_gap.py", env_id="Pong-v5", returns_by_iteration=points(
+                     [-20.7, -3.05, 14.6]), final_return=14.6),
+                 "der": dict(script="der_atari100k_gap.py", env_id="Pong", eval_by_iteration=points([-3.05, 14.6]),
+                             eval_return=14.6, final_return=-20.7),
+                 "short": dict(script="rainbow_impala_gap.py", env_id="Pong-v5", returns_by_iteration=points([14.6]),
+                               final_return=14.6),
+                 "no_episode": dict(script="rainbow_impala_gap.py", env_id="Pong-v5",
+                                    returns_by_iteration=points([-20.7, None, 14.6]), final_return=14.6)}
+    for name, summary in summaries.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps(dict(summary, seed=1, args=dict(seed=1))))
+    folders = sorted(map(str, tmp_path.iterdir()))
+    capsys.readouterr()
+    at_two = {os.path.basename(run.folder): run for run in aggregate.load_runs(folders, [], iteration=2)}
+    skipped = capsys.readouterr().err
+    assert {name: run.score for name, run in at_two.items()} == pytest.approx(dict(ale=0.5, der=1.0))
+    assert "short: no return at iteration 2" in skipped and "no_episode: no return at iteration 2" in skipped
+    assert [point[1] for point in at_two["ale"].curve] == pytest.approx([0.0, 0.5])
+    at_one = {os.path.basename(run.folder): run.score for run in aggregate.load_runs(folders, [], iteration=1)}
+    assert at_one == pytest.approx(dict(ale=0.0, der=0.5, short=1.0, no_episode=0.0))
+    final = {os.path.basename(run.folder): run.score for run in aggregate.load_runs(folders, [])}
+    assert final == pytest.approx(dict(ale=1.0, der=1.0, short=1.0, no_episode=1.0))
+    with pytest.raises(SystemExit, match="--iteration counts from 1"):
+        aggregate.main(aggregate.Args(run_dirs=folders, out=str(tmp_path / "out"), iteration=0))

@@ -82,7 +82,7 @@ def explained_layer(net: nn.Module, layer: str) -> nn.Module:
 
 
 def grad_cam(net: nn.Module, obs: torch.Tensor, layer: str = "last-conv"):
-    """(maps (batch, H, W) in [0, 1], greedy actions) for uint8 stacks `obs` (batch, stack, H, W)."""
+    """(maps (batch, H, W) in [0, 1], greedy actions) for uint8 stacks `obs` (batch, stack, [3,] H, W)."""
     captured = []
     hook = explained_layer(net, layer).register_forward_hook(lambda module, inputs, output: captured.append(output))
     try:
@@ -100,10 +100,12 @@ def grad_cam(net: nn.Module, obs: torch.Tensor, layer: str = "last-conv"):
 
 
 def play(module, env, script_args, net: nn.Module, args: Args) -> torch.Tensor:
-    """The frame stacks kept while the agent plays: (frames, stack, H, W) uint8."""
+    """The frame stacks kept while the agent plays: (frames, stack, H, W) uint8, or (frames, stack, 3, H, W) for
+    colour frames (Procgen)."""
     torch.manual_seed(args.seed)
-    obs = torch.zeros(1, script_args.frame_stack, script_args.frame_size, script_args.frame_size, dtype=torch.uint8)
-    obs[:, -1] = torch.as_tensor(env.reset())
+    first = torch.as_tensor(env.reset())
+    obs = torch.zeros(1, script_args.frame_stack, *first.shape[1:], dtype=torch.uint8)
+    obs[:, -1] = first
     kept = []
     for step in range(args.warmup_steps + args.every * (args.frames - 1) + 1):
         if step >= args.warmup_steps and (step - args.warmup_steps) % args.every == 0:
@@ -119,7 +121,11 @@ def draw(stacks: torch.Tensor, rows: List[tuple], layer: str, out: str) -> str:
     fig, axes = plt.subplots(len(rows), len(stacks), figsize=(2.2 * len(stacks), 2.4 * len(rows) + 0.4), squeeze=False)
     for r, (label, maps, actions) in enumerate(rows):
         for c, ax in enumerate(axes[r]):
-            ax.imshow(stacks[c, -1].numpy(), cmap="gray", vmin=0, vmax=255)
+            newest = stacks[c, -1]
+            if newest.dim() == 3:  # colour: (3, H, W)
+                ax.imshow(newest.permute(1, 2, 0).numpy())
+            else:
+                ax.imshow(newest.numpy(), cmap="gray", vmin=0, vmax=255)
             ax.imshow(maps[c].numpy(), cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
             ax.set_xticks([]), ax.set_yticks([])
             ax.set_title(f"a* = {int(actions[c])}", fontsize=8)

@@ -116,3 +116,22 @@ def test_runs_on_other_frames_or_without_a_model_are_refused(runs, tmp_path):
     with pytest.raises(SystemExit):
         gradcam.main(gradcam.Args(run_dirs=[str(other)], frames=1, out=str(tmp_path / "x.png")))
     assert not (tmp_path / "x.png").exists()
+
+
+def test_procgen_colour_stacks(tmp_path):
+    """A Procgen agent's stacks are (stack, 3, 64, 64): its maps equal the recomputation and the grid draws RGB."""
+    module = load_script("rainbow_procgen_gap")
+    summary = module.main(module.Args(
+        env_id="bigfish", num_envs=1, total_timesteps=120, batch_size=8, learning_starts=100, buffer_size=500,
+        cuda=False, save_model=True, eval_episodes=0, seed=1, output_dir=str(tmp_path / "run"), progress_seconds=1e9))
+    net, stacks = loaded(summary["run_dir"])
+    assert stacks.shape == (4, 4, 3, 64, 64) and stacks[:, -1].float().std() > 0  # real frames, not padding
+    maps, actions = gradcam.grad_cam(net, stacks)
+    assert maps.shape == (4, 64, 64)
+    conv = gradcam.explained_layer(net, "last-conv")
+    for i in range(len(stacks)):
+        expected, action = recomputed(net, stacks[i], conv)
+        assert int(actions[i]) == action and torch.allclose(maps[i], expected, atol=1e-5)
+    out = tmp_path / "procgen.png"
+    gradcam.main(gradcam.Args(run_dirs=[summary["run_dir"]], frames=2, warmup_steps=1, every=2, out=str(out)))
+    assert out.read_bytes().startswith(PNG_HEADER)

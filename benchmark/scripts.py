@@ -40,6 +40,7 @@ def filled_replay(module, script_args, device: torch.device):
 
 def training_parts(module, script_args, device: torch.device, num_actions: int = 6) -> SimpleNamespace:
     """Online and target networks, optimizer, a filled replay, the loss sums and the (accelerated) update."""
+    torch.backends.cudnn.deterministic = script_args.torch_deterministic  # as the script's main() sets it
     net = module.QNetwork(num_actions, script_args).to(device)
     target_net = module.QNetwork(num_actions, script_args).to(device)
     target_net.load_state_dict(net.state_dict())

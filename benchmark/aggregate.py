@@ -181,8 +181,8 @@ def load_runs(run_dirs: List[str], group_by: List[str], iteration: Optional[int]
             points = points[:iteration]
             score = points[-1]["mean_return"] if len(points) == iteration else None
         if score is None:
-            at = f"iteration {iteration}" if iteration is not None else "the end"
-            print(f"skipping {run_dir}: no return at {at} in summary.json", file=sys.stderr)
+            missing = "final return" if iteration is None else f"return at iteration {iteration}"
+            print(f"skipping {run_dir}: no {missing} in summary.json", file=sys.stderr)
             continue
         env_id, skip = summary["env_id"], frames_per_step(summary)
         curve = [(point["step"] * skip, float("nan") if point["mean_return"] is None else

@@ -7,6 +7,9 @@ interval is its 95% stratified bootstrap over runs (Agarwal et al. 2021).
   iqm_over_training.png  sample efficiency: at each iteration index, the IQM over runs x games of the normalised
                          mean training returns of that iteration, against frames
   gpu_hours_vs_iqm.png   Figure 9: mean wall-clock hours of a run (one game) against IQM, labelled with the device
+  iqm_vs_psi_parameters.png
+                         Figure 5 (right): IQM against the effective weights of psi (its layers and heads): the
+                         non-zero ones for the pruned script at the end of its runs, all of them for the others
   method_comparison.png  Figure 10: median, IQM and mean with their intervals, one row per method
   diagnostics.png        Figures 2 and 7: dormant fractions of phi and psi and the bottleneck feature norm over
                          training (TensorBoard scalars), mean over a method's runs
@@ -200,6 +203,34 @@ def draw_gpu_hours(runs: List[Run], rows: List[dict], out: str) -> Optional[str]
     return save(fig, out, "gpu_hours_vs_iqm.png")
 
 
+def psi_parameters(runs: List[Run], rows: List[dict]) -> Dict[str, tuple]:
+    """method -> (mean effective weights of psi over its runs, IQM, low, high), for methods whose runs all record
+    them (summary.json's params_psi_effective, else params_psi)."""
+    iqm_rows = {row["method"]: row for row in rows if row["metric"] == "iqm"}
+    points = {}
+    for method, members in group(runs, lambda run: run.method).items():
+        counts = [run.summary.get("params_psi_effective", run.summary.get("params_psi")) for run in members]
+        if method in iqm_rows and None not in counts:
+            row = iqm_rows[method]
+            points[method] = (float(np.mean(counts)), row["value"], row["ci_low"], row["ci_high"])
+    return points
+
+
+def draw_iqm_vs_psi_parameters(runs: List[Run], rows: List[dict], out: str) -> Optional[str]:
+    points = psi_parameters(runs, rows)
+    if not points:
+        return skip("iqm_vs_psi_parameters", "no run records params_psi (runs made before it was added to "
+                                               "summary.json)")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, (count, value, low, high) in points.items():
+        ax.errorbar([count], [value], yerr=[[value - low], [high - value]], marker="o", capsize=3, label=method)
+    ax.set_xscale("log")
+    ax.set(xlabel="effective weights of psi (non-zero, layers and heads)", ylabel="IQM human-normalised score",
+           title="Performance against the effective size of psi (95% CI)")
+    ax.legend(fontsize=7)
+    return save(fig, out, "iqm_vs_psi_parameters.png")
+
+
 def draw_method_comparison(rows: List[dict], out: str) -> Optional[str]:
     if not rows:
         return skip("method_comparison", "no method to compare")
@@ -279,6 +310,7 @@ def draw_all(runs: List[Run], rows: List[dict], out: str, reps: int, seed: int) 
     """Every plot the runs can make; returns the paths written."""
     os.makedirs(out, exist_ok=True)
     paths = [draw_iqm_vs_scale(runs, out, reps, seed), draw_iqm_over_training(runs, out, reps, seed),
-             draw_gpu_hours(runs, rows, out), draw_method_comparison(rows, out), draw_diagnostics(runs, out),
+             draw_gpu_hours(runs, rows, out), draw_iqm_vs_psi_parameters(runs, rows, out),
+             draw_method_comparison(rows, out), draw_diagnostics(runs, out),
              draw_dopamine_curves(runs, out)]
     return [path for path in paths if path]

@@ -892,6 +892,8 @@ def main(args: Args) -> dict:
     optimizer = make_optimizer(net, args)
     params_total = sum(p.numel() for p in net.parameters())
     params_bottleneck = net.bottleneck.weight.numel()
+    params_psi = sum(p.numel() for layers in (net.psi, net.head, net.value_head) if layers is not None
+                     for name, p in layers.named_parameters() if name.split(".")[-1] == "weight")  # Figure 5, right
     print(f"network: {net.description}; bottleneck {params_bottleneck:,} weights, {params_total:,} parameters in "
           f"all; device {device}")
 
@@ -1039,7 +1041,8 @@ def main(args: Args) -> dict:
         env_steps=global_step, frames=global_step * envs.frames_per_step,
         updates=updates, wall_seconds=loop_wall_seconds + time.time() - start_time, device=str(device),
         sps=(global_step - sps_start_step) / max(time.time() - sps_start_time, 1e-9),
-        params_total=params_total, params_bottleneck=params_bottleneck, returns_by_iteration=returns_by_iteration,
+        params_total=params_total, params_bottleneck=params_bottleneck, params_psi=params_psi,
+        returns_by_iteration=returns_by_iteration,
         final_return=returns_by_iteration[-1]["mean_return"] if returns_by_iteration else None,
         eval_by_iteration=eval_by_iteration, eval_returns=eval_returns,
         eval_return=eval_by_iteration[-1]["mean_return"] if eval_by_iteration else None)

@@ -45,6 +45,10 @@ def test_short_pong_run_writes_summary_and_events(name, backend, env_id, tmp_pat
     assert summary["updates"] == (240 - 120) // 4
     flattened = getattr(load_script(name).Args(), "pooling", "gap") == "flatten"  # the sparse baselines' default
     assert summary["params_bottleneck"] == (11 * 11 * 32 if flattened else 32) * 512
+    heads = 512 * 6 * 51  # Pong's 6 actions x 51 atoms; psi's weights by hand, biases and noise scales left out
+    psi = {"rainbow_softmoe1": 512 * 32 + 11 * 11 * 32 * 6 * 51,  # experts' second layer; the head reads all tokens
+           "der_atari100k_gap": heads + 512 * 51}.get(name, heads)  # DER: dueling's value head
+    assert summary["params_psi"] == summary["params_bottleneck"] + psi
     assert [it["step"] for it in summary["returns_by_iteration"]] == [100, 200, 240]
     assert os.path.exists(os.path.join(run_dir, "model.pt"))
     for tag in ["losses/td_loss", "losses/q_values", "charts/SPS", "charts/epsilon",

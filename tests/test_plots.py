@@ -14,14 +14,15 @@ from benchmark import aggregate, plots
 from benchmark.scripts import ROOT
 
 PNG_HEADER = b"\x89PNG\r\n\x1a\n"
-PNGS = ["iqm_vs_scale.png", "iqm_over_training.png", "gpu_hours_vs_iqm.png", "method_comparison.png",
-        "diagnostics.png", "dopamine_curves.png"]
+PNGS = ["iqm_vs_scale.png", "iqm_over_training.png", "gpu_hours_vs_iqm.png", "iqm_vs_psi_parameters.png",
+        "method_comparison.png", "diagnostics.png", "dopamine_curves.png"]
 ITERATION = 250_000
 
 
-def write_run(folder, game, seed, fractions, diagnostics=None, wall_seconds=3600.0, **args):
+def write_run(folder, game, seed, fractions, diagnostics=None, wall_seconds=3600.0, counts=None, **args):
     """A finished flagship run whose iteration k scores fractions[k] human-normalised (None: no episode ended);
-    diagnostics: tag -> values, one an iteration, written as TensorBoard scalars."""
+    diagnostics: tag -> values, one an iteration, written as TensorBoard scalars; counts: summary fields such as
+    params_psi."""
     random_score, human_score = aggregate.reference_table()[game.lower()]
     returns = [dict(step=ITERATION * (k + 1), episodes=0 if f is None else 3,
                     mean_return=None if f is None else random_score + f * (human_score - random_score))
@@ -30,7 +31,7 @@ def write_run(folder, game, seed, fractions, diagnostics=None, wall_seconds=3600
     summary = dict(script="rainbow_impala_gap.py", env_id=env_id, seed=seed, env_steps=ITERATION * len(fractions),
                    frames=4 * ITERATION * len(fractions), wall_seconds=wall_seconds, device="cuda",
                    returns_by_iteration=returns, final_return=returns[-1]["mean_return"],
-                   args=dict(seed=seed, env_id=env_id, output_dir="runs", frame_skip=4, **args))
+                   args=dict(seed=seed, env_id=env_id, output_dir="runs", frame_skip=4, **args), **(counts or {}))
     os.makedirs(folder)
     with open(os.path.join(folder, "summary.json"), "w") as f:
         json.dump(summary, f)
@@ -114,6 +115,25 @@ def assert_png(path):
     assert len(data) > 1000 and data.startswith(PNG_HEADER), path
 
 
+def test_psi_parameters_prefer_the_effective_count_and_average_over_runs(tmp_path):
+    """Figure 5 (right): x is the mean over a method's runs of params_psi_effective (pruned runs) or params_psi."""
+    folders = []
+    for seed, (dense, effective) in enumerate([(1000, 100), (1000, 300)]):
+        for game in ["Pong", "Breakout"]:
+            folders.append(write_run(tmp_path / f"pruned{game}{seed}", game, seed, [0.2 + 0.1 * seed],
+                                     counts=dict(params_psi=dense, params_psi_effective=effective), pooling="flatten"))
+            folders.append(write_run(tmp_path / f"dense{game}{seed}", game, seed, [0.5 + 0.1 * seed],
+                                     counts=dict(params_psi=2000 + seed), scale=2))
+    folders.append(write_run(tmp_path / "old", "Pong", 0, [0.9], scale=8))  # no count recorded: left out
+    runs = aggregate.load_runs(folders, [])
+    rows = aggregate.aggregate(aggregate.scores_by_method(runs), reps=50, seed=0)
+    points = plots.psi_parameters(runs, rows)
+    iqm = {row["method"]: row["value"] for row in rows if row["metric"] == "iqm"}
+    assert points.keys() == {"rainbow_impala_gap pooling=flatten", "rainbow_impala_gap scale=2"}
+    for method, mean_count in [("rainbow_impala_gap pooling=flatten", 200.0), ("rainbow_impala_gap scale=2", 2000.5)]:
+        assert points[method][:2] == pytest.approx((mean_count, iqm[method]))
+
+
 def test_aggregate_draws_every_plot(tmp_path):
     phi, psi, norm = plots.DIAGNOSTICS
     folders = []
@@ -125,7 +145,8 @@ def test_aggregate_draws_every_plot(tmp_path):
                     folders.append(write_run(
                         tmp_path / "runs" / f"{game}_{pooling}_{scale}_{seed}", game, seed, [0.0, level / 2, level],
                         {phi: [0.01, 0.02, 0.03], psi: [0.1, 0.2, 0.3], norm: [1.0, 2.0, 4.0]},
-                        wall_seconds=3600.0 * scale, pooling=pooling, scale=scale))
+                        wall_seconds=3600.0 * scale, counts=dict(params_psi=(3872 if pooling == "flatten" else 32) * 512
+                                                                 * scale), pooling=pooling, scale=scale))
     out = tmp_path / "out"
     rows = aggregate.main(aggregate.Args(run_dirs=folders, out=str(out), reps=100))
     assert len(rows) == 4 * len(aggregate.METRICS)
@@ -150,8 +171,8 @@ def test_no_scores_skip_every_plot_with_a_reason(tmp_path):
     code, stderr, skipped = run_aggregate(folders, out)
     assert code == 0, stderr
     assert stderr.count("no final return") == 3
-    assert skipped == {"iqm_vs_scale", "iqm_over_training", "gpu_hours_vs_iqm", "method_comparison", "diagnostics",
-                       "dopamine_curves"}
+    assert skipped == {"iqm_vs_scale", "iqm_over_training", "gpu_hours_vs_iqm", "iqm_vs_psi_parameters",
+                       "method_comparison", "diagnostics", "dopamine_curves"}
     assert not any(name.endswith(".png") for name in os.listdir(out))
 
 
@@ -161,8 +182,8 @@ def test_one_scale_and_no_events_skip_only_their_plots(tmp_path):
     out = tmp_path / "out"
     code, stderr, skipped = run_aggregate(folders, out)
     assert code == 0, stderr
-    assert skipped == {"iqm_vs_scale", "diagnostics"}
-    for name in set(PNGS) - {"iqm_vs_scale.png", "diagnostics.png"}:
+    assert skipped == {"iqm_vs_scale", "diagnostics", "iqm_vs_psi_parameters"}  # no params_psi in these summaries
+    for name in set(PNGS) - {"iqm_vs_scale.png", "diagnostics.png", "iqm_vs_psi_parameters.png"}:
         assert_png(out / name)
     code, stderr, skipped = run_aggregate(folders, tmp_path / "tables", "--no-plots")
     assert code == 0 and not skipped, stderr

@@ -168,6 +168,7 @@ def test_short_procgen_run_writes_summary_and_events(tmp_path):
     assert summary["script"] == f"{NAME}.py" and summary["env_id"] == "starpilot"
     assert summary["env_steps"] == summary["frames"] == 240 and summary["updates"] == (240 - 120) // 4
     assert summary["params_bottleneck"] == 32 * 512  # GAP: Impala's 8x8x32 output pooled to 32
+    assert summary["params_psi"] == 32 * 512 + 512 * 15 * 51  # Procgen's 15 actions x 51 atoms in the head
     assert [it["step"] for it in summary["returns_by_iteration"]] == [100, 200, 240]
     evaluations = summary["eval_by_iteration"]
     assert [it["step"] for it in evaluations] == [100, 200, 240] and all(it["episodes"] == 4 for it in evaluations)

@@ -183,8 +183,17 @@ def draw_iqm_vs_scale(runs: List[Run], out: str, reps: int, seed: int) -> Option
     return save(fig, out, "iqm_vs_scale.png")
 
 
+def iqm_rows_by_method(rows: List[dict]) -> Dict[str, dict]:
+    return {row["method"]: row for row in rows if row["metric"] == "iqm"}
+
+
+def plot_iqm_point(ax, x: float, value: float, low: float, high: float, label: str):
+    """One method's IQM at x with its 95% interval."""
+    ax.errorbar([x], [value], yerr=[[value - low], [high - value]], marker="o", capsize=3, label=label)
+
+
 def draw_gpu_hours(runs: List[Run], rows: List[dict], out: str) -> Optional[str]:
-    iqm_rows = {row["method"]: row for row in rows if row["metric"] == "iqm"}
+    iqm_rows = iqm_rows_by_method(rows)
     timed = group([run for run in runs if run.summary.get("wall_seconds") and run.method in iqm_rows],
                   lambda run: run.method)
     if not timed:
@@ -193,8 +202,7 @@ def draw_gpu_hours(runs: List[Run], rows: List[dict], out: str) -> Optional[str]
     for method, members in timed.items():
         hours = float(np.mean([run.summary["wall_seconds"] for run in members])) / 3600
         row = iqm_rows[method]
-        ax.errorbar([hours], [row["value"]], yerr=[[row["value"] - row["ci_low"]], [row["ci_high"] - row["value"]]],
-                    marker="o", capsize=3, label=method)
+        plot_iqm_point(ax, hours, row["value"], row["ci_low"], row["ci_high"], method)
         devices = ", ".join(sorted({str(run.summary.get("device", "?")) for run in members}))
         ax.annotate(devices, (hours, row["value"]), textcoords="offset points", xytext=(5, 5), fontsize=7)
     ax.set(xlabel="hours per run (one game), mean over runs", ylabel="IQM human-normalised score",
@@ -206,7 +214,7 @@ def draw_gpu_hours(runs: List[Run], rows: List[dict], out: str) -> Optional[str]
 def psi_parameters(runs: List[Run], rows: List[dict]) -> Dict[str, tuple]:
     """method -> (mean effective weights of psi over its runs, IQM, low, high), for methods whose runs all record
     them (summary.json's params_psi_effective, else params_psi)."""
-    iqm_rows = {row["method"]: row for row in rows if row["metric"] == "iqm"}
+    iqm_rows = iqm_rows_by_method(rows)
     points = {}
     for method, members in group(runs, lambda run: run.method).items():
         counts = [run.summary.get("params_psi_effective", run.summary.get("params_psi")) for run in members]
@@ -222,8 +230,8 @@ def draw_iqm_vs_psi_parameters(runs: List[Run], rows: List[dict], out: str) -> O
         return skip("iqm_vs_psi_parameters", "no run records params_psi (runs made before it was added to "
                                                "summary.json)")
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, (count, value, low, high) in points.items():
-        ax.errorbar([count], [value], yerr=[[value - low], [high - value]], marker="o", capsize=3, label=method)
+    for method, (count, *iqm) in points.items():
+        plot_iqm_point(ax, count, *iqm, method)
     ax.set_xscale("log")
     ax.set(xlabel="effective weights of psi (non-zero, layers and heads)", ylabel="IQM human-normalised score",
            title="Performance against the effective size of psi (95% CI)")

@@ -69,8 +69,7 @@ def test_cuda_graph_run_end_to_end(name, tmp_path):
     module = load_script(name)
     args = module.Args(env_backend="gymnasium", env_id="tests.catch_env:Catch-v0", frame_size=24, total_timesteps=400,
                        learning_starts=100, buffer_size=1000, train_frequency=4, log_every=50, progress_seconds=1e9,
-                       cudagraphs=True,
-                       output_dir=str(tmp_path))
+                       cudagraphs=True, output_dir=str(tmp_path))
     summary = module.main(args)
     assert summary["updates"] == (400 - 100) // 4 and summary["device"] == "cuda"
     losses = scalars(summary["run_dir"], "losses/td_loss")

@@ -30,11 +30,16 @@ def random_stream(steps, seed):
     return dict(terminated=terminated, truncated=truncated, rewards=rewards, actions=actions)
 
 
+def step_tensors(stream, t, device):
+    """What the loop hands the replay at step t: every env's frame, action, reward, terminated, truncated."""
+    arrays = [np.stack([frame_of(t, e) for e in range(NUM_ENVS)]), stream["actions"][t], stream["rewards"][t],
+              stream["terminated"][t], stream["truncated"][t]]
+    return [torch.tensor(x, device=device) for x in arrays]
+
+
 def fill(replay, stream, steps):
     for t in range(steps):
-        tensors = [np.stack([frame_of(t, e) for e in range(NUM_ENVS)]), stream["actions"][t], stream["rewards"][t],
-                   stream["terminated"][t], stream["truncated"][t]]
-        replay.add(*[torch.tensor(x, device=replay.device) for x in tensors])
+        replay.add(*step_tensors(stream, t, replay.device))
 
 
 def expected_stack(stream, t, env):
@@ -115,10 +120,8 @@ def test_batched_writes_equal_writes_one_step_at_a_time(capacity, device):
     for replay in (one_at_a_time, batched):
         replay.max_priority.fill_(2.5)  # not the initial 1, so a slot left unset would show
     for t in range(steps):
-        tensors = [np.stack([frame_of(t, e) for e in range(NUM_ENVS)]), stream["actions"][t], stream["rewards"][t],
-                   stream["terminated"][t], stream["truncated"][t]]
         for replay in (one_at_a_time, batched):
-            replay.add(*[torch.tensor(x, device=device) for x in tensors])
+            replay.add(*step_tensors(stream, t, device))
         one_at_a_time.flush()
         if rng.random() < 0.15:  # the batched replay also flushes by itself at max_staged steps
             batched.flush()

@@ -8,8 +8,9 @@ Each run folder's summary.json gives its script, args, env and score: the final 
 (as Dopamine reports its ALE runs), or, for scripts that evaluate after every iteration (`eval_by_iteration`: DER on
 Atari 100k, Procgen), the final evaluation, as those benchmarks report; `--iteration K` takes iteration K's instead.
 Atari scores are human-normalised, (score - random) / (human - random), with the table rliable uses
-(benchmark/reference/atari_human_random.csv); Procgen scores are min-max normalised with the easy-mode ranges
-(benchmark/reference/procgen_norm.csv). A method is the script with its args except seed, env and run control, or
+(benchmark/reference/atari_human_random.csv); Procgen scores are min-max normalised, (score - min) / (max - min), with
+the ranges of the distribution mode each run played (its `distribution_mode` arg: easy or hard; Cobbe et al. 2020,
+benchmark/reference/procgen_norm.csv). A method is the script with its args except seed, env and run control, or
 only the `--group-by` args; its label names the script and the args that differ from the script's defaults, e.g.
 `rainbow_impala_gap pooling=flatten scale=4`.
 
@@ -101,13 +102,17 @@ def stratified_bootstrap(scores: np.ndarray, metric, reps: int, seed: int) -> tu
     return float(np.percentile(estimates, 2.5)), float(np.percentile(estimates, 97.5))
 
 
-def reference_table() -> Dict[str, tuple]:
-    """game -> (score normalised to 0, score normalised to 1): Atari's random and human scores, Procgen's easy-mode
-    minimum and maximum returns (Cobbe et al. 2020)."""
+PROCGEN_MODES = ("easy", "hard")  # the distribution modes procgen_norm.csv has ranges for
+
+
+def reference_table(distribution_mode: str = "easy") -> Dict[str, tuple]:
+    """game -> (score normalised to 0, score normalised to 1): Atari's random and human scores, and Procgen's minimum
+    and maximum returns in `distribution_mode`, one of PROCGEN_MODES (Cobbe et al. 2020)."""
     with open(os.path.join(REFERENCE, "atari_human_random.csv")) as f:
         table = {row["game"].lower(): (float(row["random"]), float(row["human"])) for row in csv.DictReader(f)}
+    low, high = f"{distribution_mode}_min", f"{distribution_mode}_max"
     with open(os.path.join(REFERENCE, "procgen_norm.csv")) as f:
-        table.update({row["game"]: (float(row["easy_min"]), float(row["easy_max"])) for row in csv.DictReader(f)})
+        table.update({row["game"]: (float(row[low]), float(row[high])) for row in csv.DictReader(f)})
     return table
 
 
@@ -138,13 +143,14 @@ def method_label(summary: dict, group_by: List[str], drop: Sequence[str] = ()) -
     args left out (e.g. `scale`, to put a method's scales on one line)."""
     args, script = summary["args"], os.path.splitext(summary["script"])[0]
     defaults = script_defaults(script)
-    names = group_by or sorted(k for k in args if k not in RUN_CONTROL and (k not in defaults or args[k] != defaults[k]))
+    names = group_by or sorted(k for k in args
+                               if k not in RUN_CONTROL and (k not in defaults or args[k] != defaults[k]))
     return " ".join([script] + [f"{k}={args.get(k)}" for k in names if k not in drop])
 
 
 @dataclass
 class Run:
-    """A finished run: its folder and summary.json, its method, game and human-normalised scores."""
+    """A finished run: its folder and summary.json, its method, game and normalised scores."""
     folder: str
     summary: dict
     method: str
@@ -166,8 +172,9 @@ def frames_per_step(summary: dict) -> float:
 
 def load_runs(run_dirs: List[str], group_by: List[str], iteration: Optional[int] = None) -> List[Run]:
     """The runs with a summary.json and a final score (or a score at `iteration`, their curves cut there); the
-    others are reported and skipped."""
-    table, runs = reference_table(), []
+    others are reported and skipped. A Procgen run is normalised with the ranges of the distribution mode it played
+    (easy when its args do not say: the ALE scripts have no such arg)."""
+    tables, runs = {mode: reference_table(mode) for mode in PROCGEN_MODES}, []
     for run_dir in run_dirs:
         path = os.path.join(run_dir, "summary.json")
         if not os.path.isfile(path):
@@ -185,6 +192,11 @@ def load_runs(run_dirs: List[str], group_by: List[str], iteration: Optional[int]
             print(f"skipping {run_dir}: no {missing} in summary.json", file=sys.stderr)
             continue
         env_id, skip = summary["env_id"], frames_per_step(summary)
+        mode = summary["args"].get("distribution_mode", "easy")
+        if mode not in tables:
+            raise SystemExit(f"error: {run_dir} played Procgen's '{mode}' distribution mode, which has no ranges in "
+                             f"procgen_norm.csv (only {', '.join(PROCGEN_MODES)})")
+        table = tables[mode]
         curve = [(point["step"] * skip, float("nan") if point["mean_return"] is None else
                   normalised_score(env_id, point["mean_return"], table)) for point in points]
         runs.append(Run(run_dir, summary, method_label(summary, group_by), method_label(summary, group_by, ["scale"]),

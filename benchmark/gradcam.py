@@ -110,7 +110,7 @@ def play(module, env, script_args, net: nn.Module, args: Args) -> torch.Tensor:
     for step in range(args.warmup_steps + args.every * (args.frames - 1) + 1):
         if step >= args.warmup_steps and (step - args.warmup_steps) % args.every == 0:
             kept.append(obs[0].clone())
-        actions = module.select_actions(net, obs, args.epsilon)
+        actions = module.select_actions(net, obs, args.epsilon, with_noise=False)  # as evaluation plays
         frames, _, terminated, truncated = env.step(actions.numpy())[:4]  # DER's envs add the lives lost
         obs = module.advance_stack(obs, torch.as_tensor(frames), torch.as_tensor(terminated | truncated))
     return torch.stack(kept)
@@ -153,7 +153,7 @@ def main(args: Args) -> str:
     for module, script_args, state_dict, _ in runs:
         nets.append(module.QNetwork(env.num_actions, script_args))
         nets[-1].load_state_dict(state_dict)
-        nets[-1].eval()  # noisy layers use their means
+        nets[-1].eval()  # the maps are taken without noise: the networks' forward uses the mean weights
     stacks = play(runs[0][0], env, first, nets[0], args)
     env.close()
     rows = []

@@ -40,7 +40,8 @@ def filled_replay(module, script_args, device: torch.device):
 
 def training_parts(module, script_args, device: torch.device, num_actions: int = 6) -> SimpleNamespace:
     """Online and target networks, optimizer, a filled replay, the loss sums and the (accelerated) update."""
-    torch.backends.cudnn.deterministic = script_args.torch_deterministic  # as the script's main() sets it
+    torch.backends.cudnn.deterministic = script_args.torch_deterministic  # as the script's main() sets them
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = script_args.tf32
     net = module.QNetwork(num_actions, script_args).to(device)
     target_net = module.QNetwork(num_actions, script_args).to(device)
     target_net.load_state_dict(net.state_dict())

@@ -9,7 +9,7 @@ Everything is measured in this one process, after warm-up, through the scripts' 
 QNetwork, DeviceReplay, select_actions, make_update, accelerated, main), so it times what a run executes:
 
   env_sps            agent steps per second of the environments alone, random actions
-  act_ms             one action selection, the copy of the actions to the host included (median)
+  act_ms             one training action selection (fresh noise with --noisy), the copy to the host included (median)
   sample_ms          one prioritized replay sample (median)
   update_ms          one gradient update: sample, loss, backward, optimizer step, new priorities (median)
   floor_sps          num_envs / (env step + act + update * updates per step): the loop with no overhead at all
@@ -46,8 +46,10 @@ COLUMNS = ["script", "settings", "mode", "device", "num_envs", "scale", "pooling
 class Args:
     scripts: List[str] = field(default_factory=lambda: ["rainbow_impala_gap"])
     """scripts of cleanrl_gap/ to measure (names without .py)"""
-    modes: List[Literal["eager", "compile", "cudagraphs", "compile+cudagraphs"]] = field(default_factory=lambda: ["eager"])
-    """how the update and action selection run: plain, torch.compile, CUDA graphs, or both"""
+    modes: List[Literal["eager", "compile", "cudagraphs", "compile+cudagraphs", "tf32", "cudagraphs+tf32",
+                        "compile+cudagraphs+tf32"]] = field(default_factory=lambda: ["eager"])
+    """how the update and action selection run: plain, torch.compile, CUDA graphs, or both; `+tf32` allows TF32
+    matmuls and convolutions (the scripts' --tf32; CUDA only)"""
     scales: List[int] = field(default_factory=lambda: [1, 4])
     """psi width multipliers"""
     poolings: List[str] = field(default_factory=lambda: ["flatten", "gap", "max"])
@@ -112,7 +114,8 @@ def env_steps_per_second(module, script_args, steps: int) -> float:
 
 def measure_parts(module, script_args, num_actions: int, device: torch.device, repeats: int) -> dict:
     parts = training_parts(module, script_args, device, num_actions)
-    act = module.accelerated(lambda obs, epsilon: module.select_actions(parts.net, obs, epsilon), script_args)
+    act = module.accelerated(lambda obs, epsilon: module.select_actions(parts.net, obs, epsilon, with_noise=True),
+                             script_args)
     obs = parts.replay.sample(script_args.num_envs)["obs"]
     epsilon = torch.full((), 0.01, device=device)
     return dict(params_bottleneck=parts.net.bottleneck.weight.numel(),
@@ -141,13 +144,13 @@ def measure(args: Args, on_row=lambda row: None) -> list:
         env_sps = env_steps_per_second(module, base, args.env_steps)
         num_actions = module.make_env(base, num_envs=1).num_actions
         for mode in args.modes:
-            if "cudagraphs" in mode and device.type != "cuda":
+            if ("cudagraphs" in mode or "tf32" in mode) and device.type != "cuda":
                 print(f"skipping mode {mode}: it needs a CUDA device", file=sys.stderr)
                 continue
             for scale in args.scales:
                 for pooling in args.poolings if hasattr(base, "pooling") else ["-"]:
                     script_args = replace(base, scale=scale, compile="compile" in mode, cudagraphs="cudagraphs" in mode,
-                                          **({"pooling": pooling} if hasattr(base, "pooling") else {}))
+                                          tf32="tf32" in mode, **({"pooling": pooling} if hasattr(base, "pooling") else {}))
                     print(f"measuring {name} {mode} scale {scale} {pooling} ...", file=sys.stderr, flush=True)
                     parts = measure_parts(module, script_args, num_actions, device, args.repeats)
                     updates_per_step = args.num_envs / script_args.train_frequency

@@ -1,26 +1,36 @@
-"""DER (data-efficient Rainbow) on Atari 100k, with an Impala ResNet encoder and a global-average-pooled bottleneck.
+"""DER (data-efficient Rainbow) on Atari 100k, with a global-average-pooled bottleneck (Nature CNN encoder by default).
 
 Paper: Sokar & Castro (2025), "Mind the GAP! The Challenges of Scale in Pixel-based Deep RL", Section 4
 ("Generalization to other domains", Figure 11, bottom): GAP's gains with scale hold for DER on Atari 100k.
-The value network is the flagship's (rainbow_impala_gap.py), Q(x, .) = psi(pool(phi(x))):
+The value network has the flagship's form (rainbow_impala_gap.py), Q(x, .) = psi(pool(phi(x))):
 
-  phi   Impala ResNet (Espeholt et al. 2018) or the Nature CNN, output F in R^{H x W x C}
+  phi   the Nature CNN (Mnih et al. 2015; 32, 64, 64 channels, 'SAME' padding, Xavier-uniform kernels, as labs/moes
+        RainbowCNNet) or, with `--encoder impala`, the Impala ResNet (Espeholt et al. 2018); output F in R^{H x W x C}
   pool  the bottleneck: `flatten` (baseline, H*W*C inputs to psi), `gap` (Section 4, equation 1:
         g^c = 1/(H*W) sum_ij F^c_ij, C inputs) or `max` (global max pooling, Appendix B.1)
-  psi   NoisyLinear(d, 512*scale) -> ReLU [-> NoisyLinear -> ReLU]*extra -> dueling C51 heads
+  psi   NoisyLinear(d, 512*scale) -> ReLU [-> dense -> ReLU]*extra -> dueling C51 heads (noisy)
 
-The agent is Dopamine's DER (`labs/atari_100k/configs/DER.gin`, van Hasselt et al. 2019; the paper's Table 1):
-full_rainbow with noisy nets (factorised Gaussian noise, mu ~ U(+-1/sqrt(fan_in)), sigma = 0.1/sqrt(fan_in)),
-dueling heads and double DQN; C51 (51 atoms on [-10, 10]), 10-step returns, gamma 0.99, prioritized replay as in the
+The paper does not name DER's encoder; the default follows Dopamine's `labs/moes/configs/DER.gin`
+(`FullRainbowMoENetwork.encoder_type = 'CNN'`). Dopamine's DER baseline (`moe_type = 'BASELINE'`) flattens phi's
+output: `--pooling flatten --scale 1` with the default encoder reproduces its network; the default `--pooling gap` is
+the paper's method.
+
+The agent is `labs/moes/configs/DER.gin` (DER of van Hasselt et al. 2019; the paper's Table 1): full Rainbow with
+noisy nets (factorised Gaussian noise drawn per sample, mu ~ U(+-1/sqrt(fan_in)), sigma = 0.1/sqrt(fan_in)), dueling
+heads and double DQN; C51 (51 atoms on [-10, 10]), 10-step returns, gamma 0.99, prioritized replay as in the
 flagship, Adam(1e-4, eps 1.5e-4), batch 32, one update per agent step, target sync every 2000 steps, 1600 steps
 before learning, no epsilon exploration in training (the noise explores), 100k agent steps in 10 iterations of 10k.
-Environment: no sticky actions, a life loss is terminal for learning (the game goes on; the frame stack restarts as
-at an episode start), 0 to 30 random no-ops at each reset, frame skip 4 with a max over the last two frames, 84x84
-grayscale, stack of 4, 27k-step (108k-frame) episodes, rewards clipped to [-1, 1] for learning only.
-After each iteration (the last one is the end of training) the agent is evaluated on 100 full episodes (life loss
-not terminal), epsilon 0.001, noise off, as one batch of 100 parallel envs that each play one episode (so short
-episodes are not over-counted). summary.json adds `eval_by_iteration`, `eval_return` (the final evaluation, the
-score Atari 100k reports) and `human_normalized_score` ((score - random) / (human - random)).
+Environment, as Dopamine's AtariPreprocessing and `atari_100k_runner.py`: no sticky actions; a lost life is terminal
+for learning and restarts the frame stack (zeros but the newest frame) while the game goes on; each reset takes n
+no-op agent steps (action 0, frame_skip frames each), n uniform in {0, ..., noop_max - 1}; frame skip 4 with a max
+over the last two frames, 84x84 grayscale, stack of 4, 108k-frame (27k-step) episodes; rewards clipped to [-1, 1]
+for learning only.
+After each iteration (the last one is the end of training) the agent is evaluated on 100 games, epsilon 0.001,
+noise off, as one batch of 100 parallel envs that each play one game (so short games are not over-counted). The
+evaluation envs are made like the training envs, as in Dopamine: no-op starts, and a lost life restarts the frame
+stack while the game and its return go on until the game is over. summary.json adds `eval_by_iteration`,
+`eval_return` (the final evaluation, the score Atari 100k reports) and `human_normalized_score`
+((score - random) / (human - random)).
 
 The 26 games of Atari 100k (Kaiser et al. 2020), accepted by name (`--env-id Pong`) or as `Pong-v5`/`ALE/Pong-v5`:
 Alien, Amidar, Assault, Asterix, BankHeist, BattleZone, Boxing, Breakout, ChopperCommand, CrazyClimber, DemonAttack,
@@ -30,13 +40,15 @@ RoadRunner, Seaquest, UpNDown.
 The replay, the loop, checkpoints (`--checkpoint-every`, atomic; `--resume RUN_DIR`), exit codes (BAD_INPUT 2,
 DIVERGED 3, PREEMPTED 75 after SIGTERM or SIGUSR1), `--compile` and `--cudagraphs` are the flagship's.
 
-Deviations from Dopamine, all small: envpool always takes one no-op more than drawn (so 1 to 31 no-op frames; the
-gymnasium backend takes exactly 0 to 30); the replay holds 100k transitions by default (Dopamine's 1M is "a proxy for
-unbounded": both keep the whole run); the gymnasium backend resizes with torch's area interpolation, not OpenCV's;
-stratified sampling searches block sums instead of a sum tree (same distribution); episode starts are zero-padded
-by masking, not by stored zero frames; a step's updates are queued before its env step (so the device trains while
-the host steps the envs) and so before its transition joins the replay, and acting uses weights one update older
-than Dopamine's.
+Deviations from Dopamine, all small: envpool takes one no-op frame of its own at every reset before the drawn no-op
+steps (its noop_max=0 crashes); the episode cap counts frames from the reset, no-ops included (Dopamine's runner
+counts 27k agent steps after them; since late 2024 its ALE also ends games at 100k frames from the reset); a lost life
+ends the frame skip early in Dopamine, not here (the rest of the 4 frames are played); the replay holds 100k
+transitions by default (Dopamine's 1M is "a proxy for unbounded": both keep the whole run); the gymnasium backend
+resizes with torch's area interpolation, not OpenCV's; stratified sampling searches block sums instead of a sum tree
+(same distribution); episode starts are zero-padded by masking, not by stored zero frames; a step's updates are
+queued before its env step (so the device trains while the host steps the envs) and so before its transition joins
+the replay, and acting uses weights one update older than Dopamine's.
 """
 
 import json
@@ -67,6 +79,8 @@ class Args:
     """seed of the experiment (torch, numpy, python and the environments)"""
     torch_deterministic: bool = True
     """sets `torch.backends.cudnn.deterministic`"""
+    tf32: bool = False
+    """allow TF32 in CUDA matmuls and convolutions (faster, less precise; the paper ran in float32)"""
     cuda: bool = True
     """use CUDA when available (`--no-cuda` forces the CPU)"""
     compile: bool = False
@@ -103,31 +117,39 @@ class Args:
     max_episode_frames: int = 108_000
     """ALE episodes are truncated after this many frames (27k agent steps)"""
     noop_max: int = 30
-    """each reset takes a random number of no-op frames, uniform in [0, noop_max] (ALE games)"""
+    """each reset takes n no-op agent steps (frame_skip frames each), n uniform in {0, ..., noop_max - 1} (Dopamine's
+    max_noops; 0: none; ALE games)"""
     terminal_on_life_loss: bool = True
-    """a lost life ends the episode for learning (terminal, new frame stack) while the game goes on"""
+    """a lost life ends the episode for learning (terminal) and restarts the frame stack, in training and evaluation,
+    while the game goes on"""
 
     # network
-    encoder: Literal["impala", "nature"] = "impala"
-    """phi: the Impala ResNet (16, 32, 32 channels) or the Nature CNN of Mnih et al. (2015)"""
+    encoder: Literal["impala", "nature"] = "nature"
+    """phi: the Nature CNN of Mnih et al. (2015), labs/moes DER.gin's `encoder_type = 'CNN'` (the paper does not name
+    DER's encoder), or the Impala ResNet (16, 32, 32 channels)"""
     encoder_scale: float = 1.0
     """width multiplier of phi's channels"""
+    encoder_blocks: int = 2
+    """residual blocks in each of the three Impala stacks (labs/moes `ImpalaEncoder.num_blocks`; 3 adds one to each)"""
     encoder_extra_blocks: int = 0
-    """residual blocks added to the last stack of the Impala phi (Figure 4's deeper encoder: the paper adds 2 or 4)"""
+    """residual blocks added to the last Impala stack only (Figure 4's deeper phi: the paper adds 4, or 2 in Appendix)"""
     pooling: Literal["flatten", "gap", "max"] = "gap"
     """the bottleneck: flatten (baseline), global average pooling (eq. 1) or global max pooling"""
     scale: int = 1
     """width multiplier of psi: hidden layers have 512*scale units (1, 2, 4, 8 in the paper)"""
     extra_dense_layers: int = 0
-    """extra hidden layers in psi (the depth scaling of Figure 8)"""
+    """extra hidden layers in psi after its first (Figure 8's depth): as labs/moes `use_extra_linear_layer`, 512 wide,
+    plain (not noisy), Xavier-initialised"""
+    extra_dense_scaled: bool = False
+    """make the extra layers as wide as psi's first (512*scale) and noisy like it, instead of labs/moes's layer"""
     layer_norm: bool = False
     """LayerNorm before each ReLU of psi (the algorithmic baseline of Figure 10)"""
     dueling: bool = True
-    """dueling heads (DER)"""
+    """dueling heads (labs/moes full_rainbow.gin; `--no-dueling --no-noisy --no-double-dqn` give rainbow.gin's agent)"""
     noisy: bool = True
-    """noisy linear layers in psi, replacing epsilon-greedy (DER; `--no-noisy` explores epsilon-greedily)"""
+    """noisy layers in psi and the heads, noise drawn per sample; training epsilon is then zero (labs/moes)"""
     double_dqn: bool = True
-    """select the next action with the online network (DER)"""
+    """select the next action with the online network, evaluate it with the target network (labs/moes)"""
 
     # algorithm
     total_timesteps: int = 100_000
@@ -159,11 +181,11 @@ class Args:
     learning_starts: int = 1600
     """agent steps before learning starts"""
     end_e: float = 0.01
-    """final exploration epsilon"""
+    """final exploration epsilon (without --noisy; with it, training epsilon is zero, as in Dopamine)"""
     epsilon_decay_steps: int = 2000
     """agent steps over which epsilon decays linearly to end_e, counted from learning_starts"""
     eval_epsilon: float = 0.001
-    """epsilon during evaluation"""
+    """epsilon during evaluation (noisy layers then use their mean weights)"""
     eval_episodes: int = 100
     """episodes evaluated after each iteration, in parallel envs (0: none; Atari 100k reports the final one)"""
 
@@ -202,8 +224,9 @@ def validate_args(args: Args):
             fail(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
     if args.num_atoms < 2 or not 0.0 <= args.gamma <= 1.0 or not 0.0 <= args.sticky_action_prob <= 1.0:
         fail("--num-atoms must be at least 2, --gamma and --sticky-action-prob within [0, 1]")
-    if args.encoder_extra_blocks < 0 or (args.encoder_extra_blocks and args.encoder != "impala"):
-        fail("--encoder-extra-blocks must not be negative, and it deepens only the Impala encoder")
+    if args.encoder_extra_blocks < 0 or args.encoder_blocks < 0 or (
+            (args.encoder_extra_blocks or args.encoder_blocks != 2) and args.encoder != "impala"):
+        fail("--encoder-blocks and --encoder-extra-blocks must not be negative, and they shape only the Impala encoder")
     if args.buffer_size // args.num_envs <= args.n_step + args.frame_stack:
         fail(f"--buffer-size {args.buffer_size} is too small for {args.num_envs} envs, n-step {args.n_step} "
              f"and a stack of {args.frame_stack}")
@@ -248,41 +271,67 @@ def to_gray_frame(obs: np.ndarray, size: int) -> np.ndarray:
 
 
 class EnvpoolAtari:
+    """envpool's Atari envs with Dopamine's no-op starts, taken here as agent steps of action 0 (envpool's own noop_max
+    counts raw frames)."""
+
     def __init__(self, env_id: str, num_envs: int, seed: int, args: Args):
         import envpool
 
+        # noop_max=1: envpool 1.2.5 crashes with 0, and with 1 it takes exactly one no-op frame at each reset (the one
+        # frame more than Dopamine); the drawn no-op steps follow in _noop_start
         self.envs = envpool.make(
             env_id, env_type="gymnasium", num_envs=num_envs, seed=seed, img_height=args.frame_size,
             img_width=args.frame_size, stack_num=1, gray_scale=True, frame_skip=args.frame_skip,
-            repeat_action_probability=args.sticky_action_prob, noop_max=args.noop_max + 1, use_fire_reset=False,
+            repeat_action_probability=args.sticky_action_prob, noop_max=1, use_fire_reset=False,
             episodic_life=False, reward_clip=False, full_action_space=False,
             max_episode_steps=args.max_episode_frames // args.frame_skip)
         self.num_actions = int(self.envs.action_space.n)
         self.frames_per_step = args.frame_skip
+        self.noop_max, self.noop_rng = args.noop_max, np.random.default_rng(seed)
+        self.terminal_on_life_loss = args.terminal_on_life_loss
+        self.lives = np.zeros(num_envs)
+
+    def _noop_start(self, i: int, frame: np.ndarray, lives: int) -> np.ndarray:
+        """Env i was just reset: take n ~ uniform{0, ..., noop_max - 1} agent steps of action 0 (ALE's NOOP), as
+        Dopamine's runner does; one that ends the episode (a lost life too, with terminal_on_life_loss) resets the
+        game and the remaining no-ops go on. Returns the env's first frame."""
+        env_id = np.array([i])
+        noops = self.noop_rng.integers(0, self.noop_max) if self.noop_max > 0 else 0
+        for _ in range(noops):
+            obs, _, terminated, truncated, info = self.envs.step(np.zeros(1, dtype=np.int32), env_id)
+            frame = obs[0, 0]
+            life_lost = self.terminal_on_life_loss and info["lives"][0] < lives
+            if terminated[0] or truncated[0] or life_lost:
+                obs, info = self.envs.reset(env_id)
+                frame = obs[0, 0]
+            lives = info["lives"][0]
+        self.lives[i] = lives
+        return np.array(frame)
 
     def reset(self) -> np.ndarray:
         obs, info = self.envs.reset()
-        self.lives = np.array(info["lives"])
-        return np.array(obs[:, 0])
+        frames = []
+        for i in range(len(obs)):
+            frames.append(self._noop_start(i, obs[i, 0], info["lives"][i]))
+        return np.stack(frames)
 
     def step(self, actions: np.ndarray):
         obs, rewards, terminated, truncated, info = self.envs.step(actions.astype(np.int32))
         frames = np.array(obs[:, 0])
         life_lost = (info["lives"] < self.lives) & ~terminated
         self.lives = np.array(info["lives"])
-        ended = np.flatnonzero(terminated | truncated)
-        if len(ended):  # envpool would reset on the next step, ignoring its action: reset now instead
-            reset_obs, reset_info = self.envs.reset(ended)
-            frames[ended] = reset_obs[:, 0]
-            self.lives[ended] = reset_info["lives"]
-        return frames, rewards.astype(np.float32), terminated.astype(bool), truncated.astype(bool), life_lost.astype(bool)
+        for i in np.flatnonzero(terminated | truncated):  # envpool would reset on the next step, ignoring its action
+            reset_obs, reset_info = self.envs.reset(np.array([i]))
+            frames[i] = self._noop_start(i, reset_obs[0, 0], reset_info["lives"][0])
+        return (frames, rewards.astype(np.float32), terminated.astype(bool), truncated.astype(bool),
+                life_lost.astype(bool))
 
     def close(self):
         self.envs.close()
 
 
 class GymnasiumPixels:
-    """N gymnasium envs stepped in turn; ALE envs get Dopamine's frame skip with a max over the last two, and random
+    """N gymnasium envs stepped in turn; ALE envs get Dopamine's frame skip with a max over the last two, and its
     no-op starts."""
 
     def __init__(self, env_id: str, num_envs: int, seed: int, args: Args, is_ale: bool):
@@ -295,38 +344,54 @@ class GymnasiumPixels:
         self.skip = self.frames_per_step = args.frame_skip if is_ale else 1
         self.size, self.seed, self.num_actions = args.frame_size, seed, int(self.envs[0].action_space.n)
         self.noop_max, self.noop_rng = args.noop_max if is_ale else 0, np.random.default_rng(seed)
+        self.terminal_on_life_loss = args.terminal_on_life_loss
         self.lives = np.zeros(num_envs)
 
-    def _reset_one(self, i: int, seed: Optional[int] = None) -> np.ndarray:
-        obs, info = self.envs[i].reset(seed=seed)
-        for _ in range(self.noop_rng.integers(0, self.noop_max + 1)):  # ALE's action 0 is NOOP
-            obs, _, terminated, truncated, info = self.envs[i].step(0)
+    def _agent_step(self, i: int, action: int):
+        """`skip` frames of `action` in env i (fewer if the game ends); observes the max over the last two frames."""
+        reward, last_two = 0.0, []
+        for _ in range(self.skip):
+            obs, frame_reward, terminated, truncated, info = self.envs[i].step(action)
+            reward += frame_reward
+            last_two = [*last_two[-1:], obs]
             if terminated or truncated:
+                break
+        return np.maximum.reduce(last_two), reward, terminated, truncated and not terminated, info
+
+    def _reset_one(self, i: int, seed: Optional[int] = None) -> np.ndarray:
+        """Reset env i and take n ~ uniform{0, ..., noop_max - 1} agent steps of action 0 (ALE's NOOP), as Dopamine's
+        runner does; one that ends the episode (a lost life too, with terminal_on_life_loss) resets the game and the
+        remaining no-ops go on. Returns the env's first frame."""
+        obs, info = self.envs[i].reset(seed=seed)
+        lives = info.get("lives", 0)
+        noops = self.noop_rng.integers(0, self.noop_max) if self.noop_max > 0 else 0
+        for _ in range(noops):
+            obs, _, terminated, truncated, info = self._agent_step(i, 0)
+            life_lost = self.terminal_on_life_loss and info.get("lives", 0) < lives
+            if terminated or truncated or life_lost:
                 obs, info = self.envs[i].reset()
-        self.lives[i] = info.get("lives", 0)
+            lives = info.get("lives", 0)
+        self.lives[i] = lives
         return to_gray_frame(obs, self.size)
 
     def reset(self) -> np.ndarray:
-        return np.stack([self._reset_one(i, self.seed + i) for i in range(len(self.envs))])
+        frames = []
+        for i in range(len(self.envs)):
+            frames.append(self._reset_one(i, self.seed + i))
+        return np.stack(frames)
 
     def step(self, actions: np.ndarray):
         n = len(self.envs)
         frames, rewards = [], np.zeros(n, np.float32)
         terminated, truncated, life_lost = np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool)
-        for i, env in enumerate(self.envs):
-            last_two = []
-            for k in range(self.skip):
-                obs, reward, term, trunc, info = env.step(int(actions[i]))
-                rewards[i] += reward
-                if k >= self.skip - 2:
-                    last_two.append(obs)
-                if term or trunc:
-                    terminated[i], truncated[i] = term, trunc and not term
-                    break
+        for i in range(n):
+            obs, rewards[i], terminated[i], truncated[i], info = self._agent_step(i, int(actions[i]))
             life_lost[i] = info.get("lives", 0) < self.lives[i] and not terminated[i]
             self.lives[i] = info.get("lives", 0)
-            frames.append(self._reset_one(i) if terminated[i] or truncated[i]
-                          else to_gray_frame(np.maximum.reduce(last_two), self.size))
+            if terminated[i] or truncated[i]:
+                frames.append(self._reset_one(i))  # the next game's first frame
+            else:
+                frames.append(to_gray_frame(obs, self.size))
         return np.stack(frames), rewards, terminated, truncated, life_lost
 
     def close(self):
@@ -417,10 +482,10 @@ class ImpalaStack(nn.Module):
 
 
 class ImpalaEncoder(nn.Module):
-    def __init__(self, in_channels: int, scale: float, extra_blocks: int = 0):
+    def __init__(self, in_channels: int, scale: float, blocks_per_stack: int = 2, extra_blocks: int = 0):
         super().__init__()
         widths = [max(1, round(c * scale)) for c in (16, 32, 32)]
-        blocks = [2, 2, 2 + extra_blocks]  # extra blocks deepen phi and keep its output's shape
+        blocks = [blocks_per_stack, blocks_per_stack, blocks_per_stack + extra_blocks]  # phi's output keeps its shape
         self.stacks = nn.Sequential(*[ImpalaStack(i, o, b) for i, o, b in zip([in_channels] + widths[:-1], widths, blocks)])
         self.relu = nn.ReLU()
 
@@ -435,9 +500,9 @@ class NatureEncoder(nn.Module):
         self.specs = [(8, 4), (4, 2), (3, 1)]
         self.convs = nn.ModuleList([nn.Conv2d(in_channels, c1, 8, 4), nn.Conv2d(c1, c2, 4, 2), nn.Conv2d(c2, c2, 3, 1)])
         self.relus = nn.ModuleList([nn.ReLU() for _ in self.convs])
-        for conv in self.convs:  # Dopamine's RainbowNetwork: variance_scaling(1/sqrt(3), fan_in, uniform)
-            bound = (3**0.5 / conv.weight[0].numel()) ** 0.5
-            nn.init.uniform_(conv.weight, -bound, bound), nn.init.zeros_(conv.bias)
+        for conv in self.convs:  # labs/moes RainbowCNNet: Xavier-uniform kernels, zero biases
+            nn.init.xavier_uniform_(conv.weight)
+            nn.init.zeros_(conv.bias)
 
     def forward(self, x):
         for (kernel, stride), conv, relu in zip(self.specs, self.convs, self.relus):
@@ -461,7 +526,14 @@ class Bottleneck(nn.Module):
 
 
 class NoisyLinear(nn.Module):
-    """Factorised Gaussian noisy layer (Fortunato et al. 2018) with Dopamine's initialisation."""
+    """Factorised Gaussian noisy layer (Fortunato et al. 2018, eqs. 10-11) with Dopamine's initialisation, its noise
+    drawn per sample. Row r of a batch sees the weights W + sigma_W * outer(eps_out[r], eps_in[r]) and the bias
+    b + sigma_b * eps_out[r], with eps = f(N(0, 1)), f(e) = sign(e) sqrt(|e|). Its output is computed as
+
+        y = W x + b + eps_out * (sigma_W (eps_in * x) + sigma_b)
+
+    two matmuls, never the perturbed weight matrix. `noise` maps each noisy layer's name to its (eps_in, eps_out),
+    one row per sample or one row shared by the batch; without it the layer uses its mean weights (evaluation)."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
@@ -470,23 +542,62 @@ class NoisyLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features).uniform_(-bound, bound))
         self.weight_sigma = nn.Parameter(torch.full((out_features, in_features), sigma))
         self.bias_sigma = nn.Parameter(torch.full((out_features,), sigma))
+        self.in_features, self.out_features = in_features, out_features
+        self.name = ""  # the key of its noise, set by QNetwork to the layer's name in the network
 
-    def forward(self, x):
-        if not self.training:
-            return F.linear(x, self.weight, self.bias)
-        f = lambda e: e.sign() * e.abs().sqrt()
-        eps_in = f(torch.randn(self.weight.shape[1], device=x.device))
-        eps_out = f(torch.randn(self.weight.shape[0], device=x.device))
-        weight = self.weight + self.weight_sigma * torch.outer(eps_out, eps_in)
-        return F.linear(x, weight, self.bias + self.bias_sigma * eps_out)
+    def sample_noise(self, rows: int):
+        """(eps_in, eps_out) of shapes (rows, in) and (rows, out): f(N(0, 1)), f(e) = sign(e) sqrt(|e|)."""
+        def scaled(shape):
+            e = torch.randn(shape, device=self.weight.device)
+            return e.sign() * e.abs().sqrt()
+
+        eps_in = scaled((rows, self.in_features))
+        eps_out = scaled((rows, self.out_features))
+        return eps_in, eps_out
+
+    def forward(self, x, noise: Optional[dict] = None):
+        mean = F.linear(x, self.weight, self.bias)
+        if not noise:
+            return mean
+        eps_in, eps_out = noise[self.name]
+        return mean + eps_out * F.linear(x * eps_in, self.weight_sigma, self.bias_sigma)
+
+
+class Linear(nn.Linear):
+    """A plain dense layer with Xavier-uniform weights (flax's Dense as Dopamine uses it); it has no noise to take."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features)
+        nn.init.xavier_uniform_(self.weight)
+        nn.init.zeros_(self.bias)
+
+    def forward(self, x, noise: Optional[dict] = None):
+        return super().forward(x)
 
 
 def dense(in_features: int, out_features: int, noisy: bool) -> nn.Module:
-    if noisy:
-        return NoisyLinear(in_features, out_features)
-    layer = nn.Linear(in_features, out_features)
-    nn.init.xavier_uniform_(layer.weight), nn.init.zeros_(layer.bias)
-    return layer
+    return NoisyLinear(in_features, out_features) if noisy else Linear(in_features, out_features)
+
+
+class Psi(nn.Module):
+    """psi's hidden layers: the bottleneck layer, then the extra layers, each dense -> [LayerNorm] -> ReLU."""
+
+    def __init__(self, in_features: int, args: Args):
+        super().__init__()
+        width = 512 * args.scale
+        extra_width = width if args.extra_dense_scaled else 512
+        self.widths = [width] + [extra_width] * args.extra_dense_layers
+        self.layers = nn.ModuleList([dense(in_features, width, args.noisy)])
+        for _ in range(args.extra_dense_layers):
+            self.layers.append(dense(self.layers[-1].weight.shape[0], extra_width, args.noisy and args.extra_dense_scaled))
+        norms = [nn.LayerNorm(w) if args.layer_norm else nn.Identity() for w in self.widths]
+        self.norms = nn.ModuleList(norms)
+        self.relus = nn.ModuleList([nn.ReLU() for _ in self.widths])  # one each, so dormant counting sees each layer
+
+    def forward(self, x, noise: Optional[dict] = None):
+        for layer, norm, relu in zip(self.layers, self.norms, self.relus):
+            x = relu(norm(layer(x, noise)))
+        return x
 
 
 class QNetwork(nn.Module):
@@ -496,7 +607,7 @@ class QNetwork(nn.Module):
         super().__init__()
         self.num_actions, self.num_atoms, self.dueling = num_actions, args.num_atoms, args.dueling
         if args.encoder == "impala":
-            self.phi = ImpalaEncoder(args.frame_stack, args.encoder_scale, args.encoder_extra_blocks)
+            self.phi = ImpalaEncoder(args.frame_stack, args.encoder_scale, args.encoder_blocks, args.encoder_extra_blocks)
         else:
             self.phi = NatureEncoder(args.frame_stack, args.encoder_scale)
         self.pool = Bottleneck(args.pooling)
@@ -504,32 +615,38 @@ class QNetwork(nn.Module):
             self.feature_shape = tuple(self.phi(torch.zeros(1, args.frame_stack, args.frame_size, args.frame_size)).shape[1:])
         bottleneck_inputs = self.pool(torch.zeros(1, *self.feature_shape)).shape[1]
         width = 512 * args.scale
-        layers = []
-        for i in range(1 + args.extra_dense_layers):
-            layers.append(dense(bottleneck_inputs if i == 0 else width, width, args.noisy))
-            if args.layer_norm:
-                layers.append(nn.LayerNorm(width))
-            layers.append(nn.ReLU())
-        self.psi = nn.Sequential(*layers)
-        self.bottleneck = layers[0]  # the weights joining phi's (pooled) output to psi
-        self.head = dense(width, num_actions * args.num_atoms, args.noisy)
-        self.value_head = dense(width, args.num_atoms, args.noisy) if args.dueling else None
+        self.psi = Psi(bottleneck_inputs, args)
+        self.bottleneck = self.psi.layers[0]  # the weights joining phi's (pooled) output to psi
+        self.head = dense(self.psi.widths[-1], num_actions * args.num_atoms, args.noisy)
+        self.value_head = dense(self.psi.widths[-1], args.num_atoms, args.noisy) if args.dueling else None
         self.register_buffer("support", torch.linspace(-args.v_max, args.v_max, args.num_atoms))
+        for name, module in self.named_modules():
+            if isinstance(module, NoisyLinear):
+                module.name = name
         c, h, w = self.feature_shape
         self.description = f"{args.encoder} phi -> {h}x{w}x{c} -> {args.pooling} -> {bottleneck_inputs} -> psi {width}"
+
+    def sample_noise(self, rows: int) -> dict:
+        """Fresh noise for every noisy layer: `rows` rows (one per sample, or one shared by the batch); {} if none."""
+        noise = {}
+        for module in self.modules():
+            if isinstance(module, NoisyLinear):
+                noise[module.name] = module.sample_noise(rows)
+        return noise
 
     def bottleneck_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.phi(x.float() / 255.0))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.psi(self.bottleneck_features(x))
-        logits = self.head(hidden).view(-1, self.num_actions, self.num_atoms)
+    def forward(self, x: torch.Tensor, noise: Optional[dict] = None) -> torch.Tensor:
+        """C51 logits; `noise` from sample_noise() perturbs the noisy layers, None uses their mean weights."""
+        hidden = self.psi(self.bottleneck_features(x), noise)
+        logits = self.head(hidden, noise).view(-1, self.num_actions, self.num_atoms)
         if self.dueling:
-            logits = self.value_head(hidden).unsqueeze(1) + logits - logits.mean(dim=1, keepdim=True)
+            logits = self.value_head(hidden, noise).unsqueeze(1) + logits - logits.mean(dim=1, keepdim=True)
         return logits
 
-    def q_values(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.forward(x).softmax(-1) * self.support).sum(-1)
+    def q_values(self, x: torch.Tensor, noise: Optional[dict] = None) -> torch.Tensor:
+        return (self.forward(x, noise).softmax(-1) * self.support).sum(-1)
 
 
 def project_distribution(target_support: torch.Tensor, probs: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
@@ -549,7 +666,8 @@ def linear_schedule(step: int, learning_starts: int, decay_steps: int, end_e: fl
 @torch.no_grad()
 def dormant_fractions(net: QNetwork, obs: torch.Tensor, tau: float) -> dict:
     """Fraction of dormant neurons in phi and psi (Sokar et al. 2023): a unit (channel for convs) is dormant when
-    its mean |activation| over the batch, divided by its layer's average, is at most tau."""
+    its mean |activation| over the batch, divided by its layer's average, is at most tau. Noisy layers use their
+    mean weights."""
     activations = {"phi": [], "psi": []}
     hooks = [module.register_forward_hook(lambda m, i, o, part=part: activations[part].append(o))
              for part in ("phi", "psi") for module in getattr(net, part).modules() if isinstance(module, nn.ReLU)]
@@ -717,10 +835,11 @@ def check_replay_fits(args: Args, device: torch.device):
 
 
 # Training
-def select_actions(net: QNetwork, obs: torch.Tensor, epsilon) -> torch.Tensor:
-    """Epsilon-greedy on the device (epsilon is a device scalar, so nothing waits for the host)."""
+def select_actions(net: QNetwork, obs: torch.Tensor, epsilon, with_noise: bool) -> torch.Tensor:
+    """Epsilon-greedy on the device (epsilon is a device scalar, so nothing waits for the host). In training the noisy
+    layers draw fresh noise for each env, as each Dopamine action draws its own; evaluation uses the mean weights."""
     with torch.no_grad():
-        greedy = net.q_values(obs).argmax(1)
+        greedy = net.q_values(obs, net.sample_noise(obs.shape[0]) if with_noise else None).argmax(1)
     random_actions = torch.randint(0, net.num_actions, greedy.shape, device=obs.device)
     return torch.where(torch.rand(greedy.shape, device=obs.device) < epsilon, random_actions, greedy)
 
@@ -739,12 +858,15 @@ def advance_stack(obs: torch.Tensor, frames: torch.Tensor, ended: torch.Tensor) 
 
 
 def c51_losses(net: QNetwork, target_net: QNetwork, batch: dict, double_dqn: bool):
-    """Per-sample cross-entropy between the projected n-step target and the online distribution."""
-    logits = net(batch["obs"])
+    """Per-sample cross-entropy between the projected n-step target and the online distribution. Noise as labs/moes
+    keys it: the online network's in the loss is drawn per sample; one draw serves the whole batch's target, and the
+    same draw perturbs the online network that picks the next action (Dopamine passes both the one key)."""
+    logits = net(batch["obs"], net.sample_noise(batch["obs"].shape[0]))
     chosen = logits[torch.arange(logits.shape[0], device=logits.device), batch["actions"]]
     with torch.no_grad():
-        next_probs = target_net(batch["next_obs"]).softmax(-1)
-        selector = net(batch["next_obs"]).softmax(-1) if double_dqn else next_probs
+        target_noise = net.sample_noise(1)
+        next_probs = target_net(batch["next_obs"], target_noise).softmax(-1)
+        selector = net(batch["next_obs"], target_noise).softmax(-1) if double_dqn else next_probs
         next_action = (selector * net.support).sum(-1).argmax(1)
         next_dist = next_probs[torch.arange(next_probs.shape[0], device=logits.device), next_action]
         target_support = batch["returns"].unsqueeze(1) + batch["discounts"].unsqueeze(1) * net.support
@@ -755,10 +877,10 @@ def c51_losses(net: QNetwork, target_net: QNetwork, batch: dict, double_dqn: boo
 
 
 def make_optimizer(net: QNetwork, args: Args) -> torch.optim.Optimizer:
-    """Adam (AdamW with weight_decay 0 is Adam); on CUDA the fused kernel, one launch instead of dozens."""
-    on_cuda = next(net.parameters()).is_cuda
+    """Adam (AdamW with weight_decay 0 is Adam), the fused kernel: one launch instead of dozens on CUDA, and on a CPU
+    five times faster than the per-tensor loop over a flattened bottleneck's millions of weights."""
     return torch.optim.AdamW(net.parameters(), lr=args.learning_rate, eps=args.adam_eps, weight_decay=args.weight_decay,
-                             fused=on_cuda or None, capturable=args.cudagraphs)
+                             fused=True, capturable=args.cudagraphs)
 
 
 def make_update(net: QNetwork, target_net: QNetwork, optimizer, replay: DeviceReplay, args: Args, stats: torch.Tensor):
@@ -870,22 +992,22 @@ def read_checkpoint(run_dir: str, args: Args) -> dict:
 
 
 def evaluate(net: QNetwork, args: Args, device: torch.device, seed: int) -> list:
-    """`eval_episodes` full games (a lost life is not terminal), one in each of as many parallel envs, so that short
-    episodes are not over-counted; epsilon `eval_epsilon`, noise off."""
+    """`eval_episodes` whole games, one in each of as many parallel envs, so that short games are not over-counted;
+    epsilon `eval_epsilon`, noise off. The envs are made like the training envs, as in Dopamine's runner: no-op starts,
+    and a lost life restarts the frame stack (with terminal_on_life_loss) while the game and its return go on."""
     envs = make_env(args, num_envs=args.eval_episodes, seed=seed)
-    net.eval()
     obs = torch.zeros(args.eval_episodes, args.frame_stack, args.frame_size, args.frame_size, dtype=torch.uint8,
                       device=device)
     obs[:, -1] = torch.as_tensor(envs.reset(), device=device)
     returns, playing = np.zeros(args.eval_episodes), np.ones(args.eval_episodes, dtype=bool)
     while playing.any():
-        frames, rewards, terminated, truncated, _ = envs.step(select_actions(net, obs, args.eval_epsilon).cpu().numpy())
+        actions = select_actions(net, obs, args.eval_epsilon, with_noise=False)
+        frames, rewards, terminated, truncated, life_lost = envs.step(actions.cpu().numpy())
         returns += rewards * playing
         playing &= ~(terminated | truncated)  # an env whose game ended plays on, uncounted
-        ended = torch.as_tensor(terminated | truncated, device=device)
-        obs = advance_stack(obs, torch.as_tensor(frames, device=device), ended)
+        restart = terminated | truncated | (life_lost & args.terminal_on_life_loss)
+        obs = advance_stack(obs, torch.as_tensor(frames, device=device), torch.as_tensor(restart, device=device))
     envs.close()
-    net.train()
     return returns.tolist()
 
 
@@ -898,6 +1020,7 @@ def main(args: Args) -> dict:
     start_time = time.time()
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32  # float32 unless asked
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.cudagraphs and device.type != "cuda":
         fail("--cudagraphs needs a CUDA device (none is available, or --no-cuda was given)")
@@ -954,7 +1077,7 @@ def main(args: Args) -> dict:
     eval_by_iteration, eval_returns = loop["eval_by_iteration"], loop["eval_returns"]
     stats = torch.zeros(2, device=device)  # running sums of the loss and the Q-value of the taken actions
     update = accelerated(make_update(net, target_net, optimizer, replay, args, stats), args)
-    act = accelerated(lambda obs, epsilon: select_actions(net, obs, epsilon), args)
+    act = accelerated(lambda obs, epsilon: select_actions(net, obs, epsilon, with_noise=True), args)
     epsilon_on_device = torch.ones((), device=device)
     stats_count, updates, global_step, epsilon = 0, loop["updates"], loop["global_step"], 1.0
     diagnostics_obs = None if loop["diagnostics_obs"] is None else loop["diagnostics_obs"].to(device)

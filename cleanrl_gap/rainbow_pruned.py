@@ -4,10 +4,12 @@ Paper: Sokar & Castro (2025), "Mind the GAP! The Challenges of Scale in Pixel-ba
 sparse training helps at scale because it thins the bottleneck, so sparsifying only the bottleneck or psi does as
 well as sparsifying everything. The paper used JaxPruner with Dopamine, after Graesser et al. (2022); so does this:
 
-  --method gradual  magnitude pruning (Zhu & Gupta 2017) with JaxPruner's polynomial schedule: the overall target
-                    s(t) = s_f (1 - (1 - p)^3), p = clip((t - t_start) / (t_end - t_start), 0, 1), t in agent steps,
-                    t_start, t_end = 0.04, 0.8 of the run (8M and 160M of 200M frames); every --mask-update-every
-                    updates each layer keeps its largest-magnitude weights
+  --method gradual  magnitude pruning (Zhu & Gupta 2017) with JaxPruner's polynomial schedule: the per-layer
+                    sparsities s_l of the final target --sparsity are computed once (ERK or uniform), and layer l's
+                    target at agent step t is s_l(t) = s_l (1 - (1 - p)^3), p = clip((t - t_start) / (t_end - t_start),
+                    0, 1); t_start, t_end = 0.04, 0.8 of the run (8M and 160M of 200M frames); every
+                    --mask-update-every updates from t_start on, each layer keeps its largest-magnitude weights and
+                    zeroes floor(s_l(t) n_l) of its n_l weights
   --method rigl     RigL (Evci et al. 2020): random ERK masks; every --rigl-update-every updates each layer drops the
                     fraction d(t) = 0.2 (1 + cos(pi min(t / t_end, 1))) / 2 of its smallest active weights and grows
                     as many with the largest gradient magnitude (JaxPruner's form: just-dropped ones may regrow);
@@ -18,15 +20,31 @@ well as sparsifying everything. The paper used JaxPruner with Dopamine, after Gr
 --distribution erk|uniform sets the per-layer sparsities (ERK as JaxPruner: density proportional to
 sum(shape) / prod(shape), layers that would exceed density 1 kept dense). Sparsity is simulated with masks, as in
 the paper: masked weights are zeroed after every optimizer step, so the dense compute (and time) stays the same
-plus one multiply per masked weight; benchmark/speed.py measures it. `--noisy` is refused (masks cover plain
-weights). The rest of the script is rainbow_impala_gap.py, line for line, with --pooling flatten by default.
+plus one multiply per masked weight; benchmark/speed.py measures it. A noisy layer's mask is its mean weight's
+(sparsity and magnitudes are those of `weight`), and it masks `weight_sigma` too: a masked connection is exactly
+zero, noise included (W + sigma_W eps = 0 + 0 eps); RigL's grown connections restart both at zero.
 
-The agent is Dopamine's JAX Rainbow (`rainbow.gin`): C51 (51 atoms on [-10, 10]), 3-step returns, gamma 0.99,
-prioritized replay (priority sqrt(cross-entropy), importance weights 1/sqrt(p) over their batch max, new transitions at
-the max priority seen), Adam(6.25e-5, eps 1.5e-4), batch 32, an update every 4 steps, target sync every 8000, 20000
-steps before learning, epsilon 1 -> 0.01 over 250000 steps. `--dueling --noisy --double-dqn` give full_rainbow.
-Environment as Dopamine: sticky actions 0.25, frame skip 4 with max over the last two frames, 84x84 grayscale, stack
-of 4, 108k-frame episodes, no life-loss terminals, no no-op starts, rewards clipped to [-1, 1] for learning only.
+The schedule's time t is the agent steps done, the current one included, when the masks are updated after that
+step's gradient updates; JaxPruner counts gradient updates instead and evaluates its schedule at count + 1, the
+updates done with the current one, so both count the update in progress. t_start and t_end (agent steps) are fixed
+when a run starts and kept in its checkpoints: a resume with another --total-timesteps moves neither the pruning nor
+RigL's schedule. JaxPruner stops updating masks after t_end; here the updates go on, but with the targets final and
+the pruned weights zero they leave the masks as they are (and they reach the target even when t_end falls between
+two mask updates). The rest of the script is rainbow_impala_gap.py, line for line, with --pooling flatten by default.
+
+The agent is the one the paper's authors published: Dopamine's labs/moes full Rainbow (`configs/full_rainbow.gin`,
+`FullRainbowMoENetwork`, Impala encoder). Noisy nets: factorised Gaussian noise, mu ~ U(+-1/sqrt(fan_in)), sigma =
+0.1/sqrt(fan_in), training epsilon zero, evaluation with the noise off and epsilon 0.001. Dueling heads, double DQN,
+C51 (51 atoms on [-10, 10]), 3-step returns, gamma 0.99, prioritized replay (priority sqrt(cross-entropy), importance
+weights 1/sqrt(p) over their batch max, new transitions at the max priority seen), Adam(6.25e-5, eps 1.5e-4), batch
+32, an update every 4 steps, target sync every 8000, 20000 steps before learning. Noise is keyed as in labs/moes: per
+sample for the online network in the loss, one draw per batch shared by the target network and the double-DQN
+selector, a fresh draw for every action. `--no-noisy --no-dueling --no-double-dqn` give Dopamine's core `rainbow.gin`
+agent (epsilon 1 -> 0.01 over 250000 steps). The Impala encoder is Dopamine's (`--encoder-blocks` is its
+`num_blocks`); the Nature CNN is labs/moes `RainbowCNNet`. On CUDA, matmuls and convolutions run in float32 (`--tf32`
+allows TF32). Environment as Dopamine: sticky actions 0.25, frame skip 4 with max over the last two frames, 84x84
+grayscale, stack of 4, 108k-frame episodes, no life-loss terminals, no no-op starts, rewards clipped to [-1, 1] for
+learning only.
 
 The replay lives on the training device and stores each frame once; stacks and n-step returns are assembled at
 sampling time, frames before an episode's start are zeros, and windows that meet a truncation are never sampled.
@@ -36,8 +54,9 @@ sees what writing each step at once would give).
 Checkpoints (`--checkpoint-every`, atomic) hold all the run's state; `--resume RUN_DIR` goes on from one, SIGTERM or
 SIGUSR1 checkpoint and exit with PREEMPTED (75), a NaN loss stops with DIVERGED (3), bad input with BAD_INPUT (2).
 
-Deviations from Dopamine, all small: envpool with `noop_max=1` (0 crashes it) may still take one no-op at reset;
-the gymnasium backend resizes with torch's area interpolation, not OpenCV's; stratified sampling searches block sums
+Deviations from labs/moes, all small: each noisy layer draws its own noise (Dopamine hands one key to every layer, so
+its same-shaped layers share draws); envpool with `noop_max=1` (0 crashes it) may still take one no-op at reset; the
+gymnasium backend resizes with torch's area interpolation, not OpenCV's; stratified sampling searches block sums
 instead of a sum tree (same distribution); episode starts are zero-padded by masking, not by stored zero frames; a
 step's updates are queued before its env step (so the device trains while the host steps the envs) and so before
 its transition joins the replay, and acting uses weights one update older than Dopamine's.
@@ -71,6 +90,8 @@ class Args:
     """seed of the experiment (torch, numpy, python and the environments)"""
     torch_deterministic: bool = True
     """sets `torch.backends.cudnn.deterministic`"""
+    tf32: bool = False
+    """allow TF32 in CUDA matmuls and convolutions (faster, less precise; the paper ran in float32)"""
     cuda: bool = True
     """use CUDA when available (`--no-cuda` forces the CPU)"""
     compile: bool = False
@@ -112,22 +133,27 @@ class Args:
     """phi: the Impala ResNet (16, 32, 32 channels) or the Nature CNN of Mnih et al. (2015)"""
     encoder_scale: float = 1.0
     """width multiplier of phi's channels"""
+    encoder_blocks: int = 2
+    """residual blocks in each of the three Impala stacks (labs/moes `ImpalaEncoder.num_blocks`; 3 adds one to each)"""
     encoder_extra_blocks: int = 0
-    """residual blocks added to the last stack of the Impala phi (Figure 4's deeper encoder: the paper adds 2 or 4)"""
+    """residual blocks added to the last Impala stack only (Figure 4's deeper phi: the paper adds 4, or 2 in Appendix)"""
     pooling: Literal["flatten", "gap", "max"] = "flatten"
     """the bottleneck: flatten (baseline), global average pooling (eq. 1) or global max pooling"""
     scale: int = 1
     """width multiplier of psi: hidden layers have 512*scale units (1, 2, 4, 8 in the paper)"""
     extra_dense_layers: int = 0
-    """extra hidden layers in psi (the depth scaling of Figure 8)"""
+    """extra hidden layers in psi after its first (Figure 8's depth): as labs/moes `use_extra_linear_layer`, 512 wide,
+    plain (not noisy), Xavier-initialised"""
+    extra_dense_scaled: bool = False
+    """make the extra layers as wide as psi's first (512*scale) and noisy like it, instead of labs/moes's layer"""
     layer_norm: bool = False
     """LayerNorm before each ReLU of psi (the algorithmic baseline of Figure 10)"""
-    dueling: bool = False
-    """dueling heads (Dopamine full_rainbow)"""
-    noisy: bool = False
-    """noisy linear layers in psi, replacing epsilon-greedy (Dopamine full_rainbow)"""
-    double_dqn: bool = False
-    """select the next action with the online network (Dopamine full_rainbow)"""
+    dueling: bool = True
+    """dueling heads (labs/moes full_rainbow.gin; `--no-dueling --no-noisy --no-double-dqn` give rainbow.gin's agent)"""
+    noisy: bool = True
+    """noisy layers in psi and the heads, noise drawn per sample; training epsilon is then zero (labs/moes)"""
+    double_dqn: bool = True
+    """select the next action with the online network, evaluate it with the target network (labs/moes)"""
 
     # sparse training
     method: Literal["gradual", "rigl", "static"] = "gradual"
@@ -139,9 +165,10 @@ class Args:
     distribution: Literal["erk", "uniform"] = "erk"
     """per-layer sparsities: Erdos-Renyi-Kernel or the same for every layer"""
     prune_start: float = 0.04
-    """fraction of total_timesteps where gradual pruning starts"""
+    """fraction of total_timesteps where gradual pruning starts (set in agent steps when the run starts)"""
     prune_end: float = 0.8
-    """fraction of total_timesteps where gradual pruning reaches the target and RigL's drop fraction reaches 0"""
+    """fraction of total_timesteps where gradual pruning reaches the target and RigL's drop fraction reaches 0 (set in
+    agent steps when the run starts: a resume with another --total-timesteps keeps both)"""
     mask_update_every: int = 1000
     """updates between gradual pruning's mask updates"""
     rigl_update_every: int = 5000
@@ -179,11 +206,11 @@ class Args:
     learning_starts: int = 20_000
     """agent steps before learning starts"""
     end_e: float = 0.01
-    """final exploration epsilon"""
+    """final exploration epsilon (without --noisy; with it, training epsilon is zero, as in Dopamine)"""
     epsilon_decay_steps: int = 250_000
     """agent steps over which epsilon decays linearly to end_e, counted from learning_starts"""
     eval_epsilon: float = 0.001
-    """epsilon during evaluation"""
+    """epsilon during evaluation (noisy layers then use their mean weights)"""
     eval_episodes: int = 0
     """episodes evaluated at the end of training (0: none; the paper reports training returns)"""
 
@@ -222,11 +249,11 @@ def validate_args(args: Args):
     if args.num_atoms < 2 or not 0.0 <= args.gamma <= 1.0 or not 0.0 <= args.sticky_action_prob <= 1.0:
         fail("--num-atoms must be at least 2, --gamma and --sticky-action-prob within [0, 1]")
     if not (0.0 <= args.sparsity < 1.0 and 0.0 <= args.prune_start < args.prune_end <= 1.0
-            and 0.0 <= args.rigl_drop_fraction <= 1.0) or args.noisy:
-        fail("need 0 <= --sparsity < 1, 0 <= --prune-start < --prune-end <= 1, --rigl-drop-fraction within [0, 1], "
-             "and no --noisy (masks cover plain weights only)")
-    if args.encoder_extra_blocks < 0 or (args.encoder_extra_blocks and args.encoder != "impala"):
-        fail("--encoder-extra-blocks must not be negative, and it deepens only the Impala encoder")
+            and 0.0 <= args.rigl_drop_fraction <= 1.0):
+        fail("need 0 <= --sparsity < 1, 0 <= --prune-start < --prune-end <= 1 and --rigl-drop-fraction within [0, 1]")
+    if args.encoder_extra_blocks < 0 or args.encoder_blocks < 0 or (
+            (args.encoder_extra_blocks or args.encoder_blocks != 2) and args.encoder != "impala"):
+        fail("--encoder-blocks and --encoder-extra-blocks must not be negative, and they shape only the Impala encoder")
     if args.buffer_size // args.num_envs <= args.n_step + args.frame_stack:
         fail(f"--buffer-size {args.buffer_size} is too small for {args.num_envs} envs, n-step {args.n_step} "
              f"and a stack of {args.frame_stack}")
@@ -403,10 +430,10 @@ class ImpalaStack(nn.Module):
 
 
 class ImpalaEncoder(nn.Module):
-    def __init__(self, in_channels: int, scale: float, extra_blocks: int = 0):
+    def __init__(self, in_channels: int, scale: float, blocks_per_stack: int = 2, extra_blocks: int = 0):
         super().__init__()
         widths = [max(1, round(c * scale)) for c in (16, 32, 32)]
-        blocks = [2, 2, 2 + extra_blocks]  # extra blocks deepen phi and keep its output's shape
+        blocks = [blocks_per_stack, blocks_per_stack, blocks_per_stack + extra_blocks]  # phi's output keeps its shape
         self.stacks = nn.Sequential(*[ImpalaStack(i, o, b) for i, o, b in zip([in_channels] + widths[:-1], widths, blocks)])
         self.relu = nn.ReLU()
 
@@ -421,9 +448,9 @@ class NatureEncoder(nn.Module):
         self.specs = [(8, 4), (4, 2), (3, 1)]
         self.convs = nn.ModuleList([nn.Conv2d(in_channels, c1, 8, 4), nn.Conv2d(c1, c2, 4, 2), nn.Conv2d(c2, c2, 3, 1)])
         self.relus = nn.ModuleList([nn.ReLU() for _ in self.convs])
-        for conv in self.convs:  # Dopamine's RainbowNetwork: variance_scaling(1/sqrt(3), fan_in, uniform)
-            bound = (3**0.5 / conv.weight[0].numel()) ** 0.5
-            nn.init.uniform_(conv.weight, -bound, bound), nn.init.zeros_(conv.bias)
+        for conv in self.convs:  # labs/moes RainbowCNNet: Xavier-uniform kernels, zero biases
+            nn.init.xavier_uniform_(conv.weight)
+            nn.init.zeros_(conv.bias)
 
     def forward(self, x):
         for (kernel, stride), conv, relu in zip(self.specs, self.convs, self.relus):
@@ -447,7 +474,14 @@ class Bottleneck(nn.Module):
 
 
 class NoisyLinear(nn.Module):
-    """Factorised Gaussian noisy layer (Fortunato et al. 2018) with Dopamine's initialisation."""
+    """Factorised Gaussian noisy layer (Fortunato et al. 2018, eqs. 10-11) with Dopamine's initialisation, its noise
+    drawn per sample. Row r of a batch sees the weights W + sigma_W * outer(eps_out[r], eps_in[r]) and the bias
+    b + sigma_b * eps_out[r], with eps = f(N(0, 1)), f(e) = sign(e) sqrt(|e|). Its output is computed as
+
+        y = W x + b + eps_out * (sigma_W (eps_in * x) + sigma_b)
+
+    two matmuls, never the perturbed weight matrix. `noise` maps each noisy layer's name to its (eps_in, eps_out),
+    one row per sample or one row shared by the batch; without it the layer uses its mean weights (evaluation)."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
@@ -456,23 +490,62 @@ class NoisyLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features).uniform_(-bound, bound))
         self.weight_sigma = nn.Parameter(torch.full((out_features, in_features), sigma))
         self.bias_sigma = nn.Parameter(torch.full((out_features,), sigma))
+        self.in_features, self.out_features = in_features, out_features
+        self.name = ""  # the key of its noise, set by QNetwork to the layer's name in the network
 
-    def forward(self, x):
-        if not self.training:
-            return F.linear(x, self.weight, self.bias)
-        f = lambda e: e.sign() * e.abs().sqrt()
-        eps_in = f(torch.randn(self.weight.shape[1], device=x.device))
-        eps_out = f(torch.randn(self.weight.shape[0], device=x.device))
-        weight = self.weight + self.weight_sigma * torch.outer(eps_out, eps_in)
-        return F.linear(x, weight, self.bias + self.bias_sigma * eps_out)
+    def sample_noise(self, rows: int):
+        """(eps_in, eps_out) of shapes (rows, in) and (rows, out): f(N(0, 1)), f(e) = sign(e) sqrt(|e|)."""
+        def scaled(shape):
+            e = torch.randn(shape, device=self.weight.device)
+            return e.sign() * e.abs().sqrt()
+
+        eps_in = scaled((rows, self.in_features))
+        eps_out = scaled((rows, self.out_features))
+        return eps_in, eps_out
+
+    def forward(self, x, noise: Optional[dict] = None):
+        mean = F.linear(x, self.weight, self.bias)
+        if not noise:
+            return mean
+        eps_in, eps_out = noise[self.name]
+        return mean + eps_out * F.linear(x * eps_in, self.weight_sigma, self.bias_sigma)
+
+
+class Linear(nn.Linear):
+    """A plain dense layer with Xavier-uniform weights (flax's Dense as Dopamine uses it); it has no noise to take."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features)
+        nn.init.xavier_uniform_(self.weight)
+        nn.init.zeros_(self.bias)
+
+    def forward(self, x, noise: Optional[dict] = None):
+        return super().forward(x)
 
 
 def dense(in_features: int, out_features: int, noisy: bool) -> nn.Module:
-    if noisy:
-        return NoisyLinear(in_features, out_features)
-    layer = nn.Linear(in_features, out_features)
-    nn.init.xavier_uniform_(layer.weight), nn.init.zeros_(layer.bias)
-    return layer
+    return NoisyLinear(in_features, out_features) if noisy else Linear(in_features, out_features)
+
+
+class Psi(nn.Module):
+    """psi's hidden layers: the bottleneck layer, then the extra layers, each dense -> [LayerNorm] -> ReLU."""
+
+    def __init__(self, in_features: int, args: Args):
+        super().__init__()
+        width = 512 * args.scale
+        extra_width = width if args.extra_dense_scaled else 512
+        self.widths = [width] + [extra_width] * args.extra_dense_layers
+        self.layers = nn.ModuleList([dense(in_features, width, args.noisy)])
+        for _ in range(args.extra_dense_layers):
+            self.layers.append(dense(self.layers[-1].weight.shape[0], extra_width, args.noisy and args.extra_dense_scaled))
+        norms = [nn.LayerNorm(w) if args.layer_norm else nn.Identity() for w in self.widths]
+        self.norms = nn.ModuleList(norms)
+        self.relus = nn.ModuleList([nn.ReLU() for _ in self.widths])  # one each, so dormant counting sees each layer
+
+    def forward(self, x, noise: Optional[dict] = None):
+        for layer, norm, relu in zip(self.layers, self.norms, self.relus):
+            x = relu(norm(layer(x, noise)))
+        return x
 
 
 class QNetwork(nn.Module):
@@ -482,7 +555,7 @@ class QNetwork(nn.Module):
         super().__init__()
         self.num_actions, self.num_atoms, self.dueling = num_actions, args.num_atoms, args.dueling
         if args.encoder == "impala":
-            self.phi = ImpalaEncoder(args.frame_stack, args.encoder_scale, args.encoder_extra_blocks)
+            self.phi = ImpalaEncoder(args.frame_stack, args.encoder_scale, args.encoder_blocks, args.encoder_extra_blocks)
         else:
             self.phi = NatureEncoder(args.frame_stack, args.encoder_scale)
         self.pool = Bottleneck(args.pooling)
@@ -490,17 +563,14 @@ class QNetwork(nn.Module):
             self.feature_shape = tuple(self.phi(torch.zeros(1, args.frame_stack, args.frame_size, args.frame_size)).shape[1:])
         bottleneck_inputs = self.pool(torch.zeros(1, *self.feature_shape)).shape[1]
         width = 512 * args.scale
-        layers = []
-        for i in range(1 + args.extra_dense_layers):
-            layers.append(dense(bottleneck_inputs if i == 0 else width, width, args.noisy))
-            if args.layer_norm:
-                layers.append(nn.LayerNorm(width))
-            layers.append(nn.ReLU())
-        self.psi = nn.Sequential(*layers)
-        self.bottleneck = layers[0]  # the weights joining phi's (pooled) output to psi
-        self.head = dense(width, num_actions * args.num_atoms, args.noisy)
-        self.value_head = dense(width, args.num_atoms, args.noisy) if args.dueling else None
+        self.psi = Psi(bottleneck_inputs, args)
+        self.bottleneck = self.psi.layers[0]  # the weights joining phi's (pooled) output to psi
+        self.head = dense(self.psi.widths[-1], num_actions * args.num_atoms, args.noisy)
+        self.value_head = dense(self.psi.widths[-1], args.num_atoms, args.noisy) if args.dueling else None
         self.register_buffer("support", torch.linspace(-args.v_max, args.v_max, args.num_atoms))
+        for name, module in self.named_modules():
+            if isinstance(module, NoisyLinear):
+                module.name = name
         c, h, w = self.feature_shape
         self.description = f"{args.encoder} phi -> {h}x{w}x{c} -> {args.pooling} -> {bottleneck_inputs} -> psi {width}"
         for module in sparsified_layers(self, args.sparsify):  # buffers: saved in checkpoints, copied to the target
@@ -508,36 +578,58 @@ class QNetwork(nn.Module):
 
     @torch.no_grad()
     def apply_masks(self):
+        """Zero the masked weights, and a noisy layer's noise scales with them (masked_parameters)."""
         for module in self.modules():
             if hasattr(module, "weight_mask"):
-                module.weight.mul_(module.weight_mask)
+                for param in masked_parameters(module):
+                    param.mul_(module.weight_mask)
+
+    def sample_noise(self, rows: int) -> dict:
+        """Fresh noise for every noisy layer: `rows` rows (one per sample, or one shared by the batch); {} if none."""
+        noise = {}
+        for module in self.modules():
+            if isinstance(module, NoisyLinear):
+                noise[module.name] = module.sample_noise(rows)
+        return noise
 
     def bottleneck_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.phi(x.float() / 255.0))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.psi(self.bottleneck_features(x))
-        logits = self.head(hidden).view(-1, self.num_actions, self.num_atoms)
+    def forward(self, x: torch.Tensor, noise: Optional[dict] = None) -> torch.Tensor:
+        """C51 logits; `noise` from sample_noise() perturbs the noisy layers, None uses their mean weights."""
+        hidden = self.psi(self.bottleneck_features(x), noise)
+        logits = self.head(hidden, noise).view(-1, self.num_actions, self.num_atoms)
         if self.dueling:
-            logits = self.value_head(hidden).unsqueeze(1) + logits - logits.mean(dim=1, keepdim=True)
+            logits = self.value_head(hidden, noise).unsqueeze(1) + logits - logits.mean(dim=1, keepdim=True)
         return logits
 
-    def q_values(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.forward(x).softmax(-1) * self.support).sum(-1)
+    def q_values(self, x: torch.Tensor, noise: Optional[dict] = None) -> torch.Tensor:
+        return (self.forward(x, noise).softmax(-1) * self.support).sum(-1)
 
 
 # Masks and their schedules
 def sparsified_layers(net: nn.Module, sparsify: str) -> list:
+    """The layers whose weights get masks: psi's first layer, psi's dense layers and the heads, or every layer."""
     if sparsify == "bottleneck":
         return [net.bottleneck]
     heads = [net.head] + ([net.value_head] if net.value_head is not None else [])
     if sparsify == "psi":
-        return [m for m in [*net.psi, *heads] if isinstance(m, nn.Linear)]
-    return [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        return [*net.psi.layers, *heads]
+    # NoisyLinear is no nn.Linear (it holds four parameters), so it is named here too
+    return [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear, NoisyLinear))]
+
+
+def masked_parameters(module: nn.Module) -> list:
+    """The tensors a layer's mask covers: its weight and, in a noisy layer, the noise scale of each weight, so that a
+    masked connection is exactly zero with its noise too (its mask is chosen from `weight` alone)."""
+    if isinstance(module, NoisyLinear):
+        return [module.weight, module.weight_sigma]
+    return [module.weight]
 
 
 def layer_sparsities(shapes: list, sparsity: float, distribution: str) -> list:
-    """Per-layer sparsities whose weights together are `sparsity` sparse; ERK as JaxPruner's get_sparsities_erdos_renyi."""
+    """Per-layer sparsities whose weights together are `sparsity` sparse (ERK as JaxPruner's
+    get_sparsities_erdos_renyi, which Pruner calls once, for the final target)."""
     if distribution == "uniform" or sparsity <= 0.0:
         return [sparsity] * len(shapes)
     sizes = [math.prod(shape) for shape in shapes]
@@ -565,7 +657,7 @@ def top_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
 
 
 def gradual_sparsity(step: int, start: int, end: int, final: float) -> float:
-    """Zhu & Gupta's cubic schedule, JaxPruner's PolynomialSchedule with power 3."""
+    """Zhu & Gupta's cubic schedule, JaxPruner's PolynomialSchedule with power 3 (`final` is one layer's target)."""
     progress = min(max((step - start) / max(end - start, 1), 0.0), 1.0)
     return final * (1.0 - (1.0 - progress) ** 3)
 
@@ -574,19 +666,34 @@ def rigl_drop_fraction(step: int, end: int, initial: float) -> float:
     return initial * 0.5 * (1.0 + math.cos(math.pi * min(step / max(end, 1), 1.0)))
 
 
-class Pruner:
-    """The masks' schedule: initial masks, gradual pruning or RigL updates between gradient updates, and logging."""
+def schedule_steps(args: Args, total_timesteps: int) -> dict:
+    """The agent steps where gradual pruning starts and ends (and RigL's drop fraction reaches 0) for a run of
+    `total_timesteps` steps; main() sets them once, when the run starts, and keeps them in its checkpoints."""
+    return dict(prune_start_step=round(args.prune_start * total_timesteps),
+                prune_end_step=round(args.prune_end * total_timesteps))
 
-    def __init__(self, net: QNetwork, optimizer, args: Args):
+
+class Pruner:
+    """The masks' schedule: initial masks, gradual pruning or RigL updates between gradient updates, and logging.
+    `start` and `end` are the schedule's agent steps (schedule_steps), fixed for the whole run."""
+
+    def __init__(self, net: QNetwork, optimizer, args: Args, start: int, end: int):
         self.net, self.optimizer, self.args = net, optimizer, args
         self.layers = [m for m in net.modules() if hasattr(m, "weight_mask")]
         self.names = [name for name, m in net.named_modules() if hasattr(m, "weight_mask")]
-        self.start, self.end = int(args.prune_start * args.total_timesteps), int(args.prune_end * args.total_timesteps)
+        self.start, self.end = start, end
+        # each layer's sparsity at the final target, computed once as JaxPruner does; gradual pruning scales them
+        # all by the same cubic factor (recomputing ERK for the overall target of the moment would differ)
+        shapes = [tuple(m.weight.shape) for m in self.layers]
+        self.targets = layer_sparsities(shapes, args.sparsity, args.distribution)
         if args.method != "gradual":  # random masks at the target sparsities, drawn from the seeded torch stream
-            targets = layer_sparsities([tuple(m.weight.shape) for m in self.layers], args.sparsity, args.distribution)
-            for module, sparsity in zip(self.layers, targets):
+            for module, sparsity in zip(self.layers, self.targets):
                 module.weight_mask.copy_(top_mask(torch.rand_like(module.weight), sparsity))
             net.apply_masks()
+
+    def sparsities_at(self, global_step: int) -> list:
+        """Each layer's gradual-pruning target at `global_step`: s_l(t) = s_l (1 - (1 - p)^3)."""
+        return [gradual_sparsity(global_step, self.start, self.end, target) for target in self.targets]
 
     @torch.no_grad()
     def step(self, global_step: int, updates_before: int, updates: int):
@@ -594,10 +701,10 @@ class Pruner:
         every = self.args.mask_update_every if self.args.method == "gradual" else self.args.rigl_update_every
         if self.args.method == "static" or updates // every == updates_before // every:
             return
+        if self.args.method == "gradual" and global_step < self.start:
+            return  # nothing pruned yet (JaxPruner's first mask update is at its start step)
         if self.args.method == "gradual":
-            target = gradual_sparsity(global_step, self.start, self.end, self.args.sparsity)
-            shapes = [tuple(m.weight.shape) for m in self.layers]
-            for module, sparsity in zip(self.layers, layer_sparsities(shapes, target, self.args.distribution)):
+            for module, sparsity in zip(self.layers, self.sparsities_at(global_step)):
                 module.weight_mask.copy_(top_mask(module.weight.abs(), sparsity))
         else:
             drop_fraction = rigl_drop_fraction(global_step, self.end, self.args.rigl_drop_fraction)
@@ -613,9 +720,10 @@ class Pruner:
         grow_scores = torch.where(kept.bool(), float("inf"), weight.grad.abs())
         new_mask = keep_top(grow_scores, active)  # the kept ones, and growth where gradients are largest
         grown = (new_mask > mask).float()
-        weight.mul_(1.0 - grown)
-        for moment in ("exp_avg", "exp_avg_sq"):
-            self.optimizer.state[weight][moment].mul_(1.0 - grown)
+        for param in masked_parameters(module):  # a grown connection restarts at zero, its noise scale too
+            param.mul_(1.0 - grown)
+            for moment in ("exp_avg", "exp_avg_sq"):
+                self.optimizer.state[param][moment].mul_(1.0 - grown)
         mask.copy_(new_mask)
 
     def log(self, writer, global_step: int):
@@ -650,7 +758,8 @@ def linear_schedule(step: int, learning_starts: int, decay_steps: int, end_e: fl
 @torch.no_grad()
 def dormant_fractions(net: QNetwork, obs: torch.Tensor, tau: float) -> dict:
     """Fraction of dormant neurons in phi and psi (Sokar et al. 2023): a unit (channel for convs) is dormant when
-    its mean |activation| over the batch, divided by its layer's average, is at most tau."""
+    its mean |activation| over the batch, divided by its layer's average, is at most tau. Noisy layers use their
+    mean weights."""
     activations = {"phi": [], "psi": []}
     hooks = [module.register_forward_hook(lambda m, i, o, part=part: activations[part].append(o))
              for part in ("phi", "psi") for module in getattr(net, part).modules() if isinstance(module, nn.ReLU)]
@@ -818,10 +927,11 @@ def check_replay_fits(args: Args, device: torch.device):
 
 
 # Training
-def select_actions(net: QNetwork, obs: torch.Tensor, epsilon) -> torch.Tensor:
-    """Epsilon-greedy on the device (epsilon is a device scalar, so nothing waits for the host)."""
+def select_actions(net: QNetwork, obs: torch.Tensor, epsilon, with_noise: bool) -> torch.Tensor:
+    """Epsilon-greedy on the device (epsilon is a device scalar, so nothing waits for the host). In training the noisy
+    layers draw fresh noise for each env, as each Dopamine action draws its own; evaluation uses the mean weights."""
     with torch.no_grad():
-        greedy = net.q_values(obs).argmax(1)
+        greedy = net.q_values(obs, net.sample_noise(obs.shape[0]) if with_noise else None).argmax(1)
     random_actions = torch.randint(0, net.num_actions, greedy.shape, device=obs.device)
     return torch.where(torch.rand(greedy.shape, device=obs.device) < epsilon, random_actions, greedy)
 
@@ -840,12 +950,15 @@ def advance_stack(obs: torch.Tensor, frames: torch.Tensor, ended: torch.Tensor) 
 
 
 def c51_losses(net: QNetwork, target_net: QNetwork, batch: dict, double_dqn: bool):
-    """Per-sample cross-entropy between the projected n-step target and the online distribution."""
-    logits = net(batch["obs"])
+    """Per-sample cross-entropy between the projected n-step target and the online distribution. Noise as labs/moes
+    keys it: the online network's in the loss is drawn per sample; one draw serves the whole batch's target, and the
+    same draw perturbs the online network that picks the next action (Dopamine passes both the one key)."""
+    logits = net(batch["obs"], net.sample_noise(batch["obs"].shape[0]))
     chosen = logits[torch.arange(logits.shape[0], device=logits.device), batch["actions"]]
     with torch.no_grad():
-        next_probs = target_net(batch["next_obs"]).softmax(-1)
-        selector = net(batch["next_obs"]).softmax(-1) if double_dqn else next_probs
+        target_noise = net.sample_noise(1)
+        next_probs = target_net(batch["next_obs"], target_noise).softmax(-1)
+        selector = net(batch["next_obs"], target_noise).softmax(-1) if double_dqn else next_probs
         next_action = (selector * net.support).sum(-1).argmax(1)
         next_dist = next_probs[torch.arange(next_probs.shape[0], device=logits.device), next_action]
         target_support = batch["returns"].unsqueeze(1) + batch["discounts"].unsqueeze(1) * net.support
@@ -856,10 +969,10 @@ def c51_losses(net: QNetwork, target_net: QNetwork, batch: dict, double_dqn: boo
 
 
 def make_optimizer(net: QNetwork, args: Args) -> torch.optim.Optimizer:
-    """Adam (AdamW with weight_decay 0 is Adam); on CUDA the fused kernel, one launch instead of dozens."""
-    on_cuda = next(net.parameters()).is_cuda
+    """Adam (AdamW with weight_decay 0 is Adam), the fused kernel: one launch instead of dozens on CUDA, and on a CPU
+    five times faster than the per-tensor loop over a flattened bottleneck's millions of weights."""
     return torch.optim.AdamW(net.parameters(), lr=args.learning_rate, eps=args.adam_eps, weight_decay=args.weight_decay,
-                             fused=on_cuda or None, capturable=args.cudagraphs)
+                             fused=True, capturable=args.cudagraphs)
 
 
 def make_update(net: QNetwork, target_net: QNetwork, optimizer, replay: DeviceReplay, args: Args, stats: torch.Tensor):
@@ -973,19 +1086,18 @@ def read_checkpoint(run_dir: str, args: Args) -> dict:
 
 def evaluate(net: QNetwork, args: Args, device: torch.device) -> list:
     envs = make_env(args, num_envs=1, seed=args.seed + 10_000)
-    net.eval()
     obs = torch.zeros(1, args.frame_stack, args.frame_size, args.frame_size, dtype=torch.uint8, device=device)
     obs[:, -1] = torch.as_tensor(envs.reset(), device=device)
     returns, episode_return = [], 0.0
     while len(returns) < args.eval_episodes:
-        frames, rewards, terminated, truncated = envs.step(select_actions(net, obs, args.eval_epsilon).cpu().numpy())
+        actions = select_actions(net, obs, args.eval_epsilon, with_noise=False)
+        frames, rewards, terminated, truncated = envs.step(actions.cpu().numpy())
         episode_return += float(rewards[0])
         ended = torch.as_tensor(terminated | truncated, device=device)
         obs = advance_stack(obs, torch.as_tensor(frames, device=device), ended)
         if terminated[0] or truncated[0]:
             returns, episode_return = returns + [episode_return], 0.0
     envs.close()
-    net.train()
     return returns
 
 
@@ -998,6 +1110,7 @@ def main(args: Args) -> dict:
     start_time = time.time()
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32  # float32 unless asked
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.cudagraphs and device.type != "cuda":
         fail("--cudagraphs needs a CUDA device (none is available, or --no-cuda was given)")
@@ -1005,6 +1118,8 @@ def main(args: Args) -> dict:
     loop = dict(global_step=0, updates=0, iteration_returns=[], returns_by_iteration=[], last_return=None,
                 diagnostics_obs=None, wall_seconds=0.0, resumes=0, learning_from=args.learning_starts)
     loop = state["loop"] if state else loop
+    if "prune_start_step" not in loop:  # set when the run starts (a checkpoint older than these keys: by its args)
+        loop.update(schedule_steps(args, state["args"]["total_timesteps"] if state else args.total_timesteps))
 
     envs = make_env(args, seed=args.seed + 7919 * (loop["resumes"] + (state is not None)))  # new seeds on resume
     run_name = f"{args.env_id.replace('/', '_').replace(':', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -1019,7 +1134,7 @@ def main(args: Args) -> dict:
     target_net = QNetwork(envs.num_actions, args).to(device)
     target_net.load_state_dict(net.state_dict())
     optimizer = make_optimizer(net, args)
-    pruner = Pruner(net, optimizer, args)
+    pruner = Pruner(net, optimizer, args, loop["prune_start_step"], loop["prune_end_step"])
     target_net.load_state_dict(net.state_dict())  # with the initial masks applied
     params_total = sum(p.numel() for p in net.parameters())
     params_bottleneck = net.bottleneck.weight.numel()
@@ -1054,7 +1169,7 @@ def main(args: Args) -> dict:
     iteration_returns, returns_by_iteration, last_return = loop["iteration_returns"], loop["returns_by_iteration"], loop["last_return"]
     stats = torch.zeros(2, device=device)  # running sums of the loss and the Q-value of the taken actions
     update = accelerated(make_update(net, target_net, optimizer, replay, args, stats), args)
-    act = accelerated(lambda obs, epsilon: select_actions(net, obs, epsilon), args)
+    act = accelerated(lambda obs, epsilon: select_actions(net, obs, epsilon, with_noise=True), args)
     epsilon_on_device = torch.ones((), device=device)
     stats_count, updates, global_step, epsilon = 0, loop["updates"], loop["global_step"], 1.0
     diagnostics_obs = None if loop["diagnostics_obs"] is None else loop["diagnostics_obs"].to(device)

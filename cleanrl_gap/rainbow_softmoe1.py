@@ -15,15 +15,23 @@ SoftMoE in deep RL: Obando Ceron*, Sokar* et al. (2024); Soft MoE: Puigcerver et
 
 The bottleneck is each expert's first layer, C x 512*scale weights (Figure 1); `params_bottleneck` counts it over
 all experts. `--normalize-tokens` L2-normalises tokens and router columns with a learnable scale (Dopamine's
-`normalization`, off by default there too). With `--noisy`, only the heads are noisy (Dopamine also makes the
-experts' first layer noisy). The rest of the script is rainbow_impala_gap.py, line for line.
+`normalization`, off by default there too). With `--noisy`, the experts' first layer is noisy as in labs/moes
+`ExpertModel` (one draw per sample, shared by every expert and slot), and so are the heads. The rest of the script is
+rainbow_impala_gap.py, line for line.
 
-The agent is Dopamine's JAX Rainbow (`rainbow.gin`): C51 (51 atoms on [-10, 10]), 3-step returns, gamma 0.99,
-prioritized replay (priority sqrt(cross-entropy), importance weights 1/sqrt(p) over their batch max, new transitions at
-the max priority seen), Adam(6.25e-5, eps 1.5e-4), batch 32, an update every 4 steps, target sync every 8000, 20000
-steps before learning, epsilon 1 -> 0.01 over 250000 steps. `--dueling --noisy --double-dqn` give full_rainbow.
-Environment as Dopamine: sticky actions 0.25, frame skip 4 with max over the last two frames, 84x84 grayscale, stack
-of 4, 108k-frame episodes, no life-loss terminals, no no-op starts, rewards clipped to [-1, 1] for learning only.
+The agent is the one the paper's authors published: Dopamine's labs/moes full Rainbow (`configs/full_rainbow.gin`,
+`FullRainbowMoENetwork`, Impala encoder). Noisy nets: factorised Gaussian noise, mu ~ U(+-1/sqrt(fan_in)), sigma =
+0.1/sqrt(fan_in), training epsilon zero, evaluation with the noise off and epsilon 0.001. Dueling heads, double DQN,
+C51 (51 atoms on [-10, 10]), 3-step returns, gamma 0.99, prioritized replay (priority sqrt(cross-entropy), importance
+weights 1/sqrt(p) over their batch max, new transitions at the max priority seen), Adam(6.25e-5, eps 1.5e-4), batch
+32, an update every 4 steps, target sync every 8000, 20000 steps before learning. Noise is keyed as in labs/moes: per
+sample for the online network in the loss, one draw per batch shared by the target network and the double-DQN
+selector, a fresh draw for every action. `--no-noisy --no-dueling --no-double-dqn` give Dopamine's core `rainbow.gin`
+agent (epsilon 1 -> 0.01 over 250000 steps). The Impala encoder is Dopamine's (`--encoder-blocks` is its
+`num_blocks`); the Nature CNN is labs/moes `RainbowCNNet`. On CUDA, matmuls and convolutions run in float32 (`--tf32`
+allows TF32). Environment as Dopamine: sticky actions 0.25, frame skip 4 with max over the last two frames, 84x84
+grayscale, stack of 4, 108k-frame episodes, no life-loss terminals, no no-op starts, rewards clipped to [-1, 1] for
+learning only.
 
 The replay lives on the training device and stores each frame once; stacks and n-step returns are assembled at
 sampling time, frames before an episode's start are zeros, and windows that meet a truncation are never sampled.
@@ -33,8 +41,9 @@ sees what writing each step at once would give).
 Checkpoints (`--checkpoint-every`, atomic) hold all the run's state; `--resume RUN_DIR` goes on from one, SIGTERM or
 SIGUSR1 checkpoint and exit with PREEMPTED (75), a NaN loss stops with DIVERGED (3), bad input with BAD_INPUT (2).
 
-Deviations from Dopamine, all small: envpool with `noop_max=1` (0 crashes it) may still take one no-op at reset;
-the gymnasium backend resizes with torch's area interpolation, not OpenCV's; stratified sampling searches block sums
+Deviations from labs/moes, all small: each noisy layer draws its own noise (Dopamine hands one key to every layer, so
+its same-shaped layers share draws); envpool with `noop_max=1` (0 crashes it) may still take one no-op at reset; the
+gymnasium backend resizes with torch's area interpolation, not OpenCV's; stratified sampling searches block sums
 instead of a sum tree (same distribution); episode starts are zero-padded by masking, not by stored zero frames; a
 step's updates are queued before its env step (so the device trains while the host steps the envs) and so before
 its transition joins the replay, and acting uses weights one update older than Dopamine's.
@@ -68,6 +77,8 @@ class Args:
     """seed of the experiment (torch, numpy, python and the environments)"""
     torch_deterministic: bool = True
     """sets `torch.backends.cudnn.deterministic`"""
+    tf32: bool = False
+    """allow TF32 in CUDA matmuls and convolutions (faster, less precise; the paper ran in float32)"""
     cuda: bool = True
     """use CUDA when available (`--no-cuda` forces the CPU)"""
     compile: bool = False
@@ -109,8 +120,10 @@ class Args:
     """phi: the Impala ResNet (16, 32, 32 channels) or the Nature CNN of Mnih et al. (2015)"""
     encoder_scale: float = 1.0
     """width multiplier of phi's channels"""
+    encoder_blocks: int = 2
+    """residual blocks in each of the three Impala stacks (labs/moes `ImpalaEncoder.num_blocks`; 3 adds one to each)"""
     encoder_extra_blocks: int = 0
-    """residual blocks added to the last stack of the Impala phi (Figure 4's deeper encoder: the paper adds 2 or 4)"""
+    """residual blocks added to the last Impala stack only (Figure 4's deeper phi: the paper adds 4, or 2 in Appendix)"""
     scale: int = 1
     """width multiplier of the experts: their hidden layer has 512*scale units (1, 2, 4, 8 in the paper)"""
     num_experts: int = 1
@@ -119,12 +132,12 @@ class Args:
     """slots per expert = ceil(tokens * capacity_factor / num_experts)"""
     normalize_tokens: bool = False
     """L2-normalise tokens and router weights, with a learnable scale (Puigcerver et al.; off in Dopamine)"""
-    dueling: bool = False
-    """dueling heads (Dopamine full_rainbow)"""
-    noisy: bool = False
-    """noisy linear layers in psi, replacing epsilon-greedy (Dopamine full_rainbow)"""
-    double_dqn: bool = False
-    """select the next action with the online network (Dopamine full_rainbow)"""
+    dueling: bool = True
+    """dueling heads (labs/moes full_rainbow.gin; `--no-dueling --no-noisy --no-double-dqn` give rainbow.gin's agent)"""
+    noisy: bool = True
+    """noisy layers in psi and the heads, noise drawn per sample; training epsilon is then zero (labs/moes)"""
+    double_dqn: bool = True
+    """select the next action with the online network, evaluate it with the target network (labs/moes)"""
 
     # algorithm
     total_timesteps: int = 50_000_000
@@ -156,11 +169,11 @@ class Args:
     learning_starts: int = 20_000
     """agent steps before learning starts"""
     end_e: float = 0.01
-    """final exploration epsilon"""
+    """final exploration epsilon (without --noisy; with it, training epsilon is zero, as in Dopamine)"""
     epsilon_decay_steps: int = 250_000
     """agent steps over which epsilon decays linearly to end_e, counted from learning_starts"""
     eval_epsilon: float = 0.001
-    """epsilon during evaluation"""
+    """epsilon during evaluation (noisy layers then use their mean weights)"""
     eval_episodes: int = 0
     """episodes evaluated at the end of training (0: none; the paper reports training returns)"""
 
@@ -199,8 +212,9 @@ def validate_args(args: Args):
             fail(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
     if args.num_atoms < 2 or not 0.0 <= args.gamma <= 1.0 or not 0.0 <= args.sticky_action_prob <= 1.0:
         fail("--num-atoms must be at least 2, --gamma and --sticky-action-prob within [0, 1]")
-    if args.encoder_extra_blocks < 0 or (args.encoder_extra_blocks and args.encoder != "impala"):
-        fail("--encoder-extra-blocks must not be negative, and it deepens only the Impala encoder")
+    if args.encoder_extra_blocks < 0 or args.encoder_blocks < 0 or (
+            (args.encoder_extra_blocks or args.encoder_blocks != 2) and args.encoder != "impala"):
+        fail("--encoder-blocks and --encoder-extra-blocks must not be negative, and they shape only the Impala encoder")
     if args.buffer_size // args.num_envs <= args.n_step + args.frame_stack:
         fail(f"--buffer-size {args.buffer_size} is too small for {args.num_envs} envs, n-step {args.n_step} "
              f"and a stack of {args.frame_stack}")
@@ -377,10 +391,10 @@ class ImpalaStack(nn.Module):
 
 
 class ImpalaEncoder(nn.Module):
-    def __init__(self, in_channels: int, scale: float, extra_blocks: int = 0):
+    def __init__(self, in_channels: int, scale: float, blocks_per_stack: int = 2, extra_blocks: int = 0):
         super().__init__()
         widths = [max(1, round(c * scale)) for c in (16, 32, 32)]
-        blocks = [2, 2, 2 + extra_blocks]  # extra blocks deepen phi and keep its output's shape
+        blocks = [blocks_per_stack, blocks_per_stack, blocks_per_stack + extra_blocks]  # phi's output keeps its shape
         self.stacks = nn.Sequential(*[ImpalaStack(i, o, b) for i, o, b in zip([in_channels] + widths[:-1], widths, blocks)])
         self.relu = nn.ReLU()
 
@@ -395,9 +409,9 @@ class NatureEncoder(nn.Module):
         self.specs = [(8, 4), (4, 2), (3, 1)]
         self.convs = nn.ModuleList([nn.Conv2d(in_channels, c1, 8, 4), nn.Conv2d(c1, c2, 4, 2), nn.Conv2d(c2, c2, 3, 1)])
         self.relus = nn.ModuleList([nn.ReLU() for _ in self.convs])
-        for conv in self.convs:  # Dopamine's RainbowNetwork: variance_scaling(1/sqrt(3), fan_in, uniform)
-            bound = (3**0.5 / conv.weight[0].numel()) ** 0.5
-            nn.init.uniform_(conv.weight, -bound, bound), nn.init.zeros_(conv.bias)
+        for conv in self.convs:  # labs/moes RainbowCNNet: Xavier-uniform kernels, zero biases
+            nn.init.xavier_uniform_(conv.weight)
+            nn.init.zeros_(conv.bias)
 
     def forward(self, x):
         for (kernel, stride), conv, relu in zip(self.specs, self.convs, self.relus):
@@ -414,7 +428,7 @@ class ExpertLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_experts, in_features, out_features).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.zeros(num_experts, 1, out_features))
 
-    def forward(self, x):
+    def forward(self, x, noise: Optional[dict] = None):
         return torch.einsum("bnpi,nio->bnpo", x, self.weight) + self.bias
 
 
@@ -426,13 +440,14 @@ class SoftMoE(nn.Module):
     """Soft mixture of experts over tokens (batch, tokens, dim) -> (batch, tokens, dim), as Dopamine's SoftMoE."""
 
     def __init__(self, token_dim: int, num_tokens: int, num_experts: int, capacity_factor: float, hidden: int,
-                 normalize: bool):
+                 normalize: bool, noisy: bool):
         super().__init__()
         self.num_experts, self.num_slots = num_experts, math.ceil(num_tokens * capacity_factor / num_experts)
         self.router = nn.Parameter(torch.empty(token_dim, num_experts, self.num_slots))
         lecun_normal_(self.router.data.permute(2, 1, 0))  # flax's fan-in for a (d, n, p) kernel is n * d
         self.router_scale = nn.Parameter(torch.ones(())) if normalize else None
-        self.bottleneck = ExpertLinear(num_experts, token_dim, hidden)
+        expert_layer = NoisyExpertLinear if noisy else ExpertLinear  # labs/moes ExpertModel: only its first layer
+        self.bottleneck = expert_layer(num_experts, token_dim, hidden)
         self.relu = nn.ReLU()
         self.expert_out = ExpertLinear(num_experts, hidden, token_dim)
 
@@ -444,16 +459,23 @@ class SoftMoE(nn.Module):
         logits = torch.einsum("bmd,dnp->bmnp", tokens, router)
         return logits.softmax(dim=1), logits.flatten(2).softmax(-1).view_as(logits)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, noise: Optional[dict] = None) -> torch.Tensor:
         dispatch, combine = self.routing(tokens)
-        hidden = self.bottleneck(torch.einsum("bmd,bmnp->bnpd", tokens, dispatch))
+        hidden = self.bottleneck(torch.einsum("bmd,bmnp->bnpd", tokens, dispatch), noise)
         b, n, p, h = hidden.shape  # the ReLU sees rows of units, so dormant counting treats (expert, unit) as neurons
         hidden = self.relu(hidden.transpose(1, 2).reshape(b * p, n * h)).view(b, p, n, h).transpose(1, 2)
         return torch.einsum("bnpd,bmnp->bmd", self.expert_out(hidden), combine)
 
 
 class NoisyLinear(nn.Module):
-    """Factorised Gaussian noisy layer (Fortunato et al. 2018) with Dopamine's initialisation."""
+    """Factorised Gaussian noisy layer (Fortunato et al. 2018, eqs. 10-11) with Dopamine's initialisation, its noise
+    drawn per sample. Row r of a batch sees the weights W + sigma_W * outer(eps_out[r], eps_in[r]) and the bias
+    b + sigma_b * eps_out[r], with eps = f(N(0, 1)), f(e) = sign(e) sqrt(|e|). Its output is computed as
+
+        y = W x + b + eps_out * (sigma_W (eps_in * x) + sigma_b)
+
+    two matmuls, never the perturbed weight matrix. `noise` maps each noisy layer's name to its (eps_in, eps_out),
+    one row per sample or one row shared by the batch; without it the layer uses its mean weights (evaluation)."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
@@ -462,23 +484,65 @@ class NoisyLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features).uniform_(-bound, bound))
         self.weight_sigma = nn.Parameter(torch.full((out_features, in_features), sigma))
         self.bias_sigma = nn.Parameter(torch.full((out_features,), sigma))
+        self.in_features, self.out_features = in_features, out_features
+        self.name = ""  # the key of its noise, set by QNetwork to the layer's name in the network
 
-    def forward(self, x):
-        if not self.training:
-            return F.linear(x, self.weight, self.bias)
-        f = lambda e: e.sign() * e.abs().sqrt()
-        eps_in = f(torch.randn(self.weight.shape[1], device=x.device))
-        eps_out = f(torch.randn(self.weight.shape[0], device=x.device))
-        weight = self.weight + self.weight_sigma * torch.outer(eps_out, eps_in)
-        return F.linear(x, weight, self.bias + self.bias_sigma * eps_out)
+    def sample_noise(self, rows: int):
+        """(eps_in, eps_out) of shapes (rows, in) and (rows, out): f(N(0, 1)), f(e) = sign(e) sqrt(|e|)."""
+        def scaled(shape):
+            e = torch.randn(shape, device=self.weight.device)
+            return e.sign() * e.abs().sqrt()
+
+        eps_in = scaled((rows, self.in_features))
+        eps_out = scaled((rows, self.out_features))
+        return eps_in, eps_out
+
+    def forward(self, x, noise: Optional[dict] = None):
+        mean = F.linear(x, self.weight, self.bias)
+        if not noise:
+            return mean
+        eps_in, eps_out = noise[self.name]
+        return mean + eps_out * F.linear(x * eps_in, self.weight_sigma, self.bias_sigma)
+
+
+class Linear(nn.Linear):
+    """A plain dense layer with Xavier-uniform weights (flax's Dense as Dopamine uses it); it has no noise to take."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features)
+        nn.init.xavier_uniform_(self.weight)
+        nn.init.zeros_(self.bias)
+
+    def forward(self, x, noise: Optional[dict] = None):
+        return super().forward(x)
 
 
 def dense(in_features: int, out_features: int, noisy: bool) -> nn.Module:
-    if noisy:
-        return NoisyLinear(in_features, out_features)
-    layer = nn.Linear(in_features, out_features)
-    nn.init.xavier_uniform_(layer.weight), nn.init.zeros_(layer.bias)
-    return layer
+    return NoisyLinear(in_features, out_features) if noisy else Linear(in_features, out_features)
+
+
+class NoisyExpertLinear(NoisyLinear):
+    """ExpertLinear with factorised noise, as labs/moes `ExpertModel` with noisy on: each expert has its own mean and
+    sigma (Dopamine's noisy initialisation), and one draw of noise per sample is shared by every expert and slot
+    (labs/moes hands each expert the same key), so y = x W_n + b_n + eps_out * ((eps_in * x) sigma_n + sigma_b,n)."""
+
+    def __init__(self, num_experts: int, in_features: int, out_features: int):
+        nn.Module.__init__(self)
+        bound, sigma = in_features**-0.5, 0.1 * in_features**-0.5
+        self.weight = nn.Parameter(torch.empty(num_experts, in_features, out_features).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(num_experts, 1, out_features).uniform_(-bound, bound))
+        self.weight_sigma = nn.Parameter(torch.full((num_experts, in_features, out_features), sigma))
+        self.bias_sigma = nn.Parameter(torch.full((num_experts, 1, out_features), sigma))
+        self.in_features, self.out_features = in_features, out_features  # sample_noise draws (rows, in), (rows, out)
+        self.name = ""
+
+    def forward(self, x, noise: Optional[dict] = None):
+        mean = torch.einsum("bnpi,nio->bnpo", x, self.weight) + self.bias
+        if not noise:
+            return mean
+        eps_in, eps_out = noise[self.name]
+        eps_in, eps_out = eps_in[:, None, None, :], eps_out[:, None, None, :]  # the same for every expert and slot
+        return mean + eps_out * (torch.einsum("bnpi,nio->bnpo", x * eps_in, self.weight_sigma) + self.bias_sigma)
 
 
 class QNetwork(nn.Module):
@@ -488,20 +552,31 @@ class QNetwork(nn.Module):
         super().__init__()
         self.num_actions, self.num_atoms, self.dueling = num_actions, args.num_atoms, args.dueling
         if args.encoder == "impala":
-            self.phi = ImpalaEncoder(args.frame_stack, args.encoder_scale, args.encoder_extra_blocks)
+            self.phi = ImpalaEncoder(args.frame_stack, args.encoder_scale, args.encoder_blocks, args.encoder_extra_blocks)
         else:
             self.phi = NatureEncoder(args.frame_stack, args.encoder_scale)
         with torch.no_grad():
             self.feature_shape = tuple(self.phi(torch.zeros(1, args.frame_stack, args.frame_size, args.frame_size)).shape[1:])
         c, h, w = self.feature_shape
         width = 512 * args.scale
-        self.psi = SoftMoE(c, h * w, args.num_experts, args.capacity_factor, width, args.normalize_tokens)
+        self.psi = SoftMoE(c, h * w, args.num_experts, args.capacity_factor, width, args.normalize_tokens, args.noisy)
         self.bottleneck = self.psi.bottleneck  # the experts' first layer: C x 512*scale weights each
         self.head = dense(h * w * c, num_actions * args.num_atoms, args.noisy)
         self.value_head = dense(h * w * c, args.num_atoms, args.noisy) if args.dueling else None
         self.register_buffer("support", torch.linspace(-args.v_max, args.v_max, args.num_atoms))
+        for name, module in self.named_modules():
+            if isinstance(module, NoisyLinear):
+                module.name = name
         self.description = (f"{args.encoder} phi -> {h * w} tokens of {c} -> SoftMoE {args.num_experts} x "
                             f"{self.psi.num_slots} slots, experts {width} wide -> {h * w * c}")
+
+    def sample_noise(self, rows: int) -> dict:
+        """Fresh noise for every noisy layer: `rows` rows (one per sample, or one shared by the batch); {} if none."""
+        noise = {}
+        for module in self.modules():
+            if isinstance(module, NoisyLinear):
+                noise[module.name] = module.sample_noise(rows)
+        return noise
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         return self.phi(x.float() / 255.0).flatten(2).transpose(1, 2)  # (batch, H*W, C)
@@ -511,15 +586,16 @@ class QNetwork(nn.Module):
         tokens = self.tokens(x)
         return torch.einsum("bmd,bmnp->bnpd", tokens, self.psi.routing(tokens)[0]).flatten(1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.psi(self.tokens(x)).flatten(1)
-        logits = self.head(hidden).view(-1, self.num_actions, self.num_atoms)
+    def forward(self, x: torch.Tensor, noise: Optional[dict] = None) -> torch.Tensor:
+        """C51 logits; `noise` from sample_noise() perturbs the noisy layers, None uses their mean weights."""
+        hidden = self.psi(self.tokens(x), noise).flatten(1)
+        logits = self.head(hidden, noise).view(-1, self.num_actions, self.num_atoms)
         if self.dueling:
-            logits = self.value_head(hidden).unsqueeze(1) + logits - logits.mean(dim=1, keepdim=True)
+            logits = self.value_head(hidden, noise).unsqueeze(1) + logits - logits.mean(dim=1, keepdim=True)
         return logits
 
-    def q_values(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.forward(x).softmax(-1) * self.support).sum(-1)
+    def q_values(self, x: torch.Tensor, noise: Optional[dict] = None) -> torch.Tensor:
+        return (self.forward(x, noise).softmax(-1) * self.support).sum(-1)
 
 
 def project_distribution(target_support: torch.Tensor, probs: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
@@ -539,7 +615,8 @@ def linear_schedule(step: int, learning_starts: int, decay_steps: int, end_e: fl
 @torch.no_grad()
 def dormant_fractions(net: QNetwork, obs: torch.Tensor, tau: float) -> dict:
     """Fraction of dormant neurons in phi and psi (Sokar et al. 2023): a unit (channel for convs) is dormant when
-    its mean |activation| over the batch, divided by its layer's average, is at most tau."""
+    its mean |activation| over the batch, divided by its layer's average, is at most tau. Noisy layers use their
+    mean weights."""
     activations = {"phi": [], "psi": []}
     hooks = [module.register_forward_hook(lambda m, i, o, part=part: activations[part].append(o))
              for part in ("phi", "psi") for module in getattr(net, part).modules() if isinstance(module, nn.ReLU)]
@@ -707,10 +784,11 @@ def check_replay_fits(args: Args, device: torch.device):
 
 
 # Training
-def select_actions(net: QNetwork, obs: torch.Tensor, epsilon) -> torch.Tensor:
-    """Epsilon-greedy on the device (epsilon is a device scalar, so nothing waits for the host)."""
+def select_actions(net: QNetwork, obs: torch.Tensor, epsilon, with_noise: bool) -> torch.Tensor:
+    """Epsilon-greedy on the device (epsilon is a device scalar, so nothing waits for the host). In training the noisy
+    layers draw fresh noise for each env, as each Dopamine action draws its own; evaluation uses the mean weights."""
     with torch.no_grad():
-        greedy = net.q_values(obs).argmax(1)
+        greedy = net.q_values(obs, net.sample_noise(obs.shape[0]) if with_noise else None).argmax(1)
     random_actions = torch.randint(0, net.num_actions, greedy.shape, device=obs.device)
     return torch.where(torch.rand(greedy.shape, device=obs.device) < epsilon, random_actions, greedy)
 
@@ -729,12 +807,15 @@ def advance_stack(obs: torch.Tensor, frames: torch.Tensor, ended: torch.Tensor) 
 
 
 def c51_losses(net: QNetwork, target_net: QNetwork, batch: dict, double_dqn: bool):
-    """Per-sample cross-entropy between the projected n-step target and the online distribution."""
-    logits = net(batch["obs"])
+    """Per-sample cross-entropy between the projected n-step target and the online distribution. Noise as labs/moes
+    keys it: the online network's in the loss is drawn per sample; one draw serves the whole batch's target, and the
+    same draw perturbs the online network that picks the next action (Dopamine passes both the one key)."""
+    logits = net(batch["obs"], net.sample_noise(batch["obs"].shape[0]))
     chosen = logits[torch.arange(logits.shape[0], device=logits.device), batch["actions"]]
     with torch.no_grad():
-        next_probs = target_net(batch["next_obs"]).softmax(-1)
-        selector = net(batch["next_obs"]).softmax(-1) if double_dqn else next_probs
+        target_noise = net.sample_noise(1)
+        next_probs = target_net(batch["next_obs"], target_noise).softmax(-1)
+        selector = net(batch["next_obs"], target_noise).softmax(-1) if double_dqn else next_probs
         next_action = (selector * net.support).sum(-1).argmax(1)
         next_dist = next_probs[torch.arange(next_probs.shape[0], device=logits.device), next_action]
         target_support = batch["returns"].unsqueeze(1) + batch["discounts"].unsqueeze(1) * net.support
@@ -745,10 +826,10 @@ def c51_losses(net: QNetwork, target_net: QNetwork, batch: dict, double_dqn: boo
 
 
 def make_optimizer(net: QNetwork, args: Args) -> torch.optim.Optimizer:
-    """Adam (AdamW with weight_decay 0 is Adam); on CUDA the fused kernel, one launch instead of dozens."""
-    on_cuda = next(net.parameters()).is_cuda
+    """Adam (AdamW with weight_decay 0 is Adam), the fused kernel: one launch instead of dozens on CUDA, and on a CPU
+    five times faster than the per-tensor loop over a flattened bottleneck's millions of weights."""
     return torch.optim.AdamW(net.parameters(), lr=args.learning_rate, eps=args.adam_eps, weight_decay=args.weight_decay,
-                             fused=on_cuda or None, capturable=args.cudagraphs)
+                             fused=True, capturable=args.cudagraphs)
 
 
 def make_update(net: QNetwork, target_net: QNetwork, optimizer, replay: DeviceReplay, args: Args, stats: torch.Tensor):
@@ -861,19 +942,18 @@ def read_checkpoint(run_dir: str, args: Args) -> dict:
 
 def evaluate(net: QNetwork, args: Args, device: torch.device) -> list:
     envs = make_env(args, num_envs=1, seed=args.seed + 10_000)
-    net.eval()
     obs = torch.zeros(1, args.frame_stack, args.frame_size, args.frame_size, dtype=torch.uint8, device=device)
     obs[:, -1] = torch.as_tensor(envs.reset(), device=device)
     returns, episode_return = [], 0.0
     while len(returns) < args.eval_episodes:
-        frames, rewards, terminated, truncated = envs.step(select_actions(net, obs, args.eval_epsilon).cpu().numpy())
+        actions = select_actions(net, obs, args.eval_epsilon, with_noise=False)
+        frames, rewards, terminated, truncated = envs.step(actions.cpu().numpy())
         episode_return += float(rewards[0])
         ended = torch.as_tensor(terminated | truncated, device=device)
         obs = advance_stack(obs, torch.as_tensor(frames, device=device), ended)
         if terminated[0] or truncated[0]:
             returns, episode_return = returns + [episode_return], 0.0
     envs.close()
-    net.train()
     return returns
 
 
@@ -886,6 +966,7 @@ def main(args: Args) -> dict:
     start_time = time.time()
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32  # float32 unless asked
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.cudagraphs and device.type != "cuda":
         fail("--cudagraphs needs a CUDA device (none is available, or --no-cuda was given)")
@@ -940,7 +1021,7 @@ def main(args: Args) -> dict:
     iteration_returns, returns_by_iteration, last_return = loop["iteration_returns"], loop["returns_by_iteration"], loop["last_return"]
     stats = torch.zeros(2, device=device)  # running sums of the loss and the Q-value of the taken actions
     update = accelerated(make_update(net, target_net, optimizer, replay, args, stats), args)
-    act = accelerated(lambda obs, epsilon: select_actions(net, obs, epsilon), args)
+    act = accelerated(lambda obs, epsilon: select_actions(net, obs, epsilon, with_noise=True), args)
     epsilon_on_device = torch.ones((), device=device)
     stats_count, updates, global_step, epsilon = 0, loop["updates"], loop["global_step"], 1.0
     diagnostics_obs = None if loop["diagnostics_obs"] is None else loop["diagnostics_obs"].to(device)

@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 
 from benchmark import aggregate
-from benchmark.scripts import ROOT
+from benchmark.scripts import ROOT, load_script
+
+PROCGEN = ["bigfish", "bossfight", "caveflyer", "chaser", "climber", "coinrun", "dodgeball", "fruitbot", "heist",
+           "jumper", "leaper", "maze", "miner", "ninja", "plunder", "starpilot"]
 
 
 def test_metrics_match_their_definitions():
@@ -43,7 +46,8 @@ def test_bootstrap_is_stratified_reproducible_and_brackets_the_estimate():
     assert aggregate.stratified_bootstrap(scores, aggregate.mean, 300, 7) == (low, high)
     assert aggregate.stratified_bootstrap(scores, aggregate.mean, 300, 8) != (low, high)
     constant = np.tile(np.array([[0.5, 1.5, 2.0]]), (4, 1))  # identical runs: nothing to resample
-    assert aggregate.stratified_bootstrap(constant, aggregate.iqm, 50, 0) == pytest.approx((aggregate.iqm(constant),) * 2)
+    point = aggregate.iqm(constant)
+    assert aggregate.stratified_bootstrap(constant, aggregate.iqm, 50, 0) == pytest.approx((point, point))
 
 
 def test_game_names_and_normalisation():
@@ -58,6 +62,21 @@ def test_game_names_and_normalisation():
     assert aggregate.normalised_score("ALE/Pong-v5", random_score, table) == pytest.approx(0.0)
     with pytest.raises(SystemExit):
         aggregate.normalised_score("tests.catch_env:Catch-v0", 1.0, table)
+    hard = aggregate.reference_table("hard")
+    assert hard["starpilot"] == (1.5, 35.0) and table["starpilot"] == (2.5, 64.0)  # Cobbe et al. (2020), Table 1
+    assert hard["coinrun"] == table["coinrun"] == (5.0, 10.0)
+    assert {game: hard[game] for game in hard if game not in PROCGEN} == {
+        game: table[game] for game in table if game not in PROCGEN}  # Atari's scores do not depend on the mode
+
+
+def test_procgen_ranges_match_the_procgen_script():
+    """procgen_norm.csv and rainbow_procgen_gap.py's PROCGEN_SCORE_RANGES (its summary's normalized_score) are two
+    copies of Cobbe et al.'s table: they must agree, game by game and mode by mode."""
+    ranges = load_script("rainbow_procgen_gap").PROCGEN_SCORE_RANGES
+    easy, hard = aggregate.reference_table("easy"), aggregate.reference_table("hard")
+    assert sorted(ranges) == sorted(PROCGEN)
+    for game, (easy_min, easy_max, hard_min, hard_max) in ranges.items():
+        assert easy[game] == (easy_min, easy_max) and hard[game] == (hard_min, hard_max), game
 
 
 def write_run(folder, script, env_id, seed, score, **args):
@@ -127,6 +146,33 @@ def test_scripts_that_evaluate_every_iteration_are_scored_on_their_final_evaluat
     runs = {os.path.basename(run.folder): run for run in aggregate.load_runs(sorted(map(str, tmp_path.iterdir())), [])}
     assert {name: run.score for name, run in runs.items()} == pytest.approx(dict(der=0.5, procgen=0.5, ale=0.5))
     assert [point[1] for point in runs["der"].curve] == pytest.approx([0.0, 0.5])  # the curve of evaluations
+
+
+def test_procgen_runs_are_normalised_with_the_ranges_of_their_distribution_mode(tmp_path):
+    """A hard-mode run is normalised with the hard range, an easy-mode run with the easy one, read from each run's
+    args; a mode without ranges stops with one clear line."""
+    evaluations = [dict(step=100, mean_return=1.5, episodes=4), dict(step=200, mean_return=18.25, episodes=4)]
+    for mode in ["hard", "easy"]:
+        summary = dict(script="rainbow_procgen_gap.py", env_id="starpilot", seed=1, env_steps=200, frames=200,
+                       final_return=40.0, eval_return=18.25, eval_by_iteration=evaluations,
+                       args=dict(seed=1, env_id="starpilot", distribution_mode=mode))
+        (tmp_path / mode).mkdir()
+        (tmp_path / mode / "summary.json").write_text(json.dumps(summary))
+    runs = {os.path.basename(run.folder): run for run in aggregate.load_runs(sorted(map(str, tmp_path.iterdir())), [])}
+    # starpilot: hard range [1.5, 35], easy range [2.5, 64] (Cobbe et al. 2020)
+    assert runs["hard"].score == pytest.approx((18.25 - 1.5) / (35 - 1.5)) == pytest.approx(0.5)
+    assert [point[0] for point in runs["hard"].curve] == [100, 200]  # Procgen: a frame is an agent step
+    assert [point[1] for point in runs["hard"].curve] == pytest.approx([0.0, 0.5])
+    assert runs["easy"].score == pytest.approx((18.25 - 2.5) / (64 - 2.5))
+    assert [point[1] for point in runs["easy"].curve] == pytest.approx([(1.5 - 2.5) / 61.5, (18.25 - 2.5) / 61.5])
+    assert runs["hard"].method == "rainbow_procgen_gap distribution_mode=hard"  # hard runs never mix with easy ones
+    assert runs["easy"].method == "rainbow_procgen_gap"
+    memory = json.loads((tmp_path / "hard" / "summary.json").read_text())
+    memory["args"]["distribution_mode"] = "memory"
+    (tmp_path / "memory").mkdir()
+    (tmp_path / "memory" / "summary.json").write_text(json.dumps(memory))
+    with pytest.raises(SystemExit, match="'memory' distribution mode, which has no ranges"):
+        aggregate.load_runs([str(tmp_path / "memory")], [])
 
 
 def test_iteration_scores_each_run_at_that_iteration(tmp_path, capsys):

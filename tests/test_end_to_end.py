@@ -43,11 +43,13 @@ def test_short_pong_run_writes_summary_and_events(name, backend, env_id, tmp_pat
     assert summary["script"] == f"{name}.py"
     assert summary["env_steps"] == 240 and summary["frames"] == 960
     assert summary["updates"] == (240 - 120) // 4
-    flattened = getattr(load_script(name).Args(), "pooling", "gap") == "flatten"  # the sparse baselines' default
-    assert summary["params_bottleneck"] == (11 * 11 * 32 if flattened else 32) * 512
-    heads = 512 * 6 * 51  # Pong's 6 actions x 51 atoms; psi's weights by hand, biases and noise scales left out
-    psi = {"rainbow_softmoe1": 512 * 32 + 11 * 11 * 32 * 6 * 51,  # experts' second layer; the head reads all tokens
-           "der_atari100k_gap": heads + 512 * 51}.get(name, heads)  # DER: dueling's value head
+    defaults = load_script(name).Args()
+    flattened = getattr(defaults, "pooling", "gap") == "flatten"  # the sparse baselines' default
+    channels = 64 if defaults.encoder == "nature" else 32  # DER's default phi is the Nature CNN: 11x11x64
+    assert summary["params_bottleneck"] == (11 * 11 * channels if flattened else channels) * 512
+    # psi's weights by hand, biases and noise scales left out: Pong's 6 actions x 51 atoms, and dueling's value head
+    heads = 512 * 6 * 51 + 512 * 51
+    psi = {"rainbow_softmoe1": 512 * 32 + 11 * 11 * 32 * (6 * 51 + 51)}.get(name, heads)  # the heads read all tokens
     assert summary["params_psi"] == summary["params_bottleneck"] + psi
     assert [it["step"] for it in summary["returns_by_iteration"]] == [100, 200, 240]
     assert os.path.exists(os.path.join(run_dir, "model.pt"))
@@ -103,7 +105,7 @@ BAD_INPUTS = [
     (["--env-backend", "gymnasium", "--env-id", "tests.catch_env:ContinuousCatch-v0"], "needs discrete actions"),
     (["--output-dir", "/dev/null/runs"], "cannot write to the run folder"),
     (["--checkpoint-every", "-1"], "--checkpoint-every must not be negative"),
-    (["--encoder", "nature", "--encoder-extra-blocks", "2"], "deepens only the Impala encoder"),
+    (["--encoder", "nature", "--encoder-extra-blocks", "2"], "they shape only the Impala encoder"),
 ]
 
 

@@ -26,11 +26,16 @@ def test_nature_encoder_uses_same_padding():
 
 
 def test_depth_and_encoder_scale():
+    """Figure 8's extra layer as labs/moes `use_extra_linear_layer` (512 wide, plain), or scaled like psi's first."""
     net = gap.QNetwork(4, gap.Args(extra_dense_layers=2, scale=2, encoder_scale=2, layer_norm=True))
-    linears = [m for m in net.psi if isinstance(m, torch.nn.Linear)]
-    assert [tuple(m.weight.shape) for m in linears] == [(1024, 64), (1024, 1024), (1024, 1024)]
-    assert sum(isinstance(m, torch.nn.LayerNorm) for m in net.psi) == 3
+    assert [tuple(m.weight.shape) for m in net.psi.layers] == [(1024, 64), (512, 1024), (512, 512)]
+    assert [type(m).__name__ for m in net.psi.layers] == ["NoisyLinear", "Linear", "Linear"]
+    assert sum(isinstance(m, torch.nn.LayerNorm) for m in net.psi.modules()) == 3
+    assert net.head.weight.shape == (4 * 51, 512)
     assert net.feature_shape == (64, 11, 11)
+    scaled = gap.QNetwork(4, gap.Args(extra_dense_layers=2, scale=2, extra_dense_scaled=True))
+    assert [tuple(m.weight.shape) for m in scaled.psi.layers] == [(1024, 32), (1024, 1024), (1024, 1024)]
+    assert all(type(m).__name__ == "NoisyLinear" for m in scaled.psi.layers)
 
 
 def test_extra_encoder_blocks_deepen_the_last_impala_stack():
@@ -41,6 +46,26 @@ def test_extra_encoder_blocks_deepen_the_last_impala_stack():
     assert [len(stack.blocks) for stack in deeper.phi.stacks] == [2, 2, 6]
     assert deeper.feature_shape == base.feature_shape == (32, 11, 11)
     assert deeper(torch.zeros(2, 4, 84, 84, dtype=torch.uint8)).shape == (2, 6, 51)
+
+
+def test_encoder_blocks_per_stack_as_dopamine_num_blocks():
+    """labs/moes `ImpalaEncoder.num_blocks`: every stack gets the same number of residual blocks."""
+    base, deeper = gap.QNetwork(6, gap.Args()), gap.QNetwork(6, gap.Args(encoder_blocks=3))
+    count = lambda module: sum(p.numel() for p in module.parameters())
+    added = sum(2 * (3 * 3 * c * c + c) for c in (16, 32, 32))  # one block of two convs in each stack
+    assert count(deeper.phi) - count(base.phi) == added
+    assert [len(stack.blocks) for stack in deeper.phi.stacks] == [3, 3, 3]
+
+
+def test_nature_encoder_uses_rainbow_cnnet_xavier_initialisers():
+    """labs/moes RainbowCNNet: flax Conv with Xavier-uniform kernels, bound sqrt(6 / (fan_in + fan_out)), zero bias."""
+    torch.manual_seed(0)
+    net = gap.QNetwork(6, gap.Args(encoder="nature"))
+    for conv, (c_in, c_out, k) in zip(net.phi.convs, [(4, 32, 8), (32, 64, 4), (64, 64, 3)]):
+        bound = (6 / (c_in * k * k + c_out * k * k)) ** 0.5
+        assert conv.weight.abs().max() <= bound
+        assert conv.weight.abs().max() > 0.95 * bound  # uniform over the whole range, not a narrower one
+        assert torch.equal(conv.bias, torch.zeros_like(conv.bias))
 
 
 def test_gap_is_equation_1_and_max_is_global_max():
@@ -76,10 +101,10 @@ def test_dueling_and_noisy_heads_shapes():
     net = gap.QNetwork(5, gap.Args(dueling=True, noisy=True, scale=1))
     x = torch.randint(0, 255, (2, 4, 84, 84), dtype=torch.uint8)
     assert net(x).shape == (2, 5, 51)
-    net.eval()
-    torch.testing.assert_close(net(x), net(x))  # no noise in evaluation
-    net.train()
-    assert not torch.equal(net(x), net(x))  # fresh noise on every training forward
+    torch.testing.assert_close(net(x), net(x))  # no noise given: the mean weights (evaluation)
+    assert not torch.equal(net(x, net.sample_noise(2)), net(x, net.sample_noise(2)))  # fresh noise on every draw
+    assert sorted(net.sample_noise(1)) == ["head", "psi.layers.0", "value_head"]
+    assert gap.QNetwork(5, gap.Args(noisy=False)).sample_noise(2) == {}
 
 
 def test_dormant_fraction_counts_dead_units():

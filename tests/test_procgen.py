@@ -11,6 +11,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import tyro
 
 from benchmark.scripts import load_script
 from tests.test_end_to_end import SHORT_RUN, run_script, scalars
@@ -18,6 +19,17 @@ from tests.test_end_to_end import SHORT_RUN, run_script, scalars
 NAME = "rainbow_procgen_gap"
 procgen_gap = load_script(NAME)
 procgen = pytest.importorskip("procgen")
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """One torch thread here and in the scripts these tests start: the batches are tiny and the test machine's few
+    cores are shared, where more threads contend and run several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # inherited by subprocesses
+    yield
+    torch.set_num_threads(threads)
 
 
 def small_args(**overrides):
@@ -129,7 +141,8 @@ class EpisodesOfDifferentLengths:
     num_actions, frames_per_step = 3, 1
 
     def __init__(self, num_envs):
-        self.t, self.lengths, self.episodes = np.zeros(num_envs, int), np.arange(1, num_envs + 1), np.zeros(num_envs, int)
+        self.t, self.lengths = np.zeros(num_envs, int), np.arange(1, num_envs + 1)
+        self.episodes = np.zeros(num_envs, int)
 
     def reset(self):
         return np.zeros((len(self.t), 3, 16, 16), np.uint8)
@@ -159,6 +172,54 @@ def test_evaluation_counts_exactly_one_episode_per_env(monkeypatch):
     assert made == [dict(num_envs=7, evaluation=True)]
 
 
+class ScriptedRewards:
+    """Two envs whose step t gives REWARDS[t] (rewards above, inside and below [-1, 1]); both episodes end at the
+    last step, so the run's training return is the mean of the two episodes' sums of the game's rewards."""
+
+    num_actions, frames_per_step = 3, 1
+    REWARDS = np.array([[-3.0, 0.25], [2.0, -0.5], [7.5, 1.0]], np.float32)  # (step, env)
+
+    def __init__(self):
+        self.t = 0
+
+    def reset(self):
+        return np.zeros((2, 3, 16, 16), np.uint8)
+
+    def step(self, actions):
+        rewards = self.REWARDS[self.t].copy()
+        self.t += 1
+        ended = np.full(2, self.t == len(self.REWARDS))
+        return self.reset(), rewards, ended, np.zeros(2, bool)
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("clip", [True, False])
+def test_clip_rewards_decides_the_rewards_the_replay_stores(clip, monkeypatch, tmp_path):
+    """--clip-rewards (the default) stores rewards clipped to [-1, 1], --no-clip-rewards the game's; the training
+    return adds up the game's rewards either way. The replay is read from the checkpoint written at the last step."""
+    assert procgen_gap.Args().clip_rewards  # the default: clipped, as the script always did
+    monkeypatch.setattr(procgen_gap, "make_env", lambda args, num_envs=None, seed=None, evaluation=False:
+                        ScriptedRewards())
+    flags = ["--no-cuda", "--frame-size", "16", "--num-envs", "2", "--total-timesteps", "6", "--buffer-size", "100",
+             "--checkpoint-every", "6", "--eval-episodes", "0", "--progress-seconds", "1e9",
+             "--output-dir", str(tmp_path), "--clip-rewards" if clip else "--no-clip-rewards"]
+    args = tyro.cli(procgen_gap.Args, args=flags)
+    assert args.clip_rewards is clip
+    summary = procgen_gap.main(args)
+    replay = torch.load(os.path.join(summary["run_dir"], "checkpoint.pt"), weights_only=False)["replay"]
+    assert replay["adds"] == 3
+    capacity = 100 // 2  # env i's stream holds its step t in slot i * capacity + t
+    stored = replay["rewards"].view(2, capacity)[:, :3].T  # (step, env)
+    if clip:
+        expected = [[-1.0, 0.25], [1.0, -0.5], [1.0, 1.0]]
+    else:
+        expected = [[-3.0, 0.25], [2.0, -0.5], [7.5, 1.0]]
+    assert stored.tolist() == expected
+    assert summary["final_return"] == pytest.approx(((-3.0 + 2.0 + 7.5) + (0.25 - 0.5 + 1.0)) / 2)
+
+
 def test_short_procgen_run_writes_summary_and_events(tmp_path):
     result = run_script(NAME, ["--env-id", "starpilot", "--eval-episodes", "4", "--save-model", *SHORT_RUN], tmp_path)
     assert result.returncode == 0, result.stderr
@@ -168,7 +229,8 @@ def test_short_procgen_run_writes_summary_and_events(tmp_path):
     assert summary["script"] == f"{NAME}.py" and summary["env_id"] == "starpilot"
     assert summary["env_steps"] == summary["frames"] == 240 and summary["updates"] == (240 - 120) // 4
     assert summary["params_bottleneck"] == 32 * 512  # GAP: Impala's 8x8x32 output pooled to 32
-    assert summary["params_psi"] == 32 * 512 + 512 * 15 * 51  # Procgen's 15 actions x 51 atoms in the head
+    # psi's weights by hand: the bottleneck, the head (Procgen's 15 actions x 51 atoms) and dueling's value head
+    assert summary["params_psi"] == 32 * 512 + 512 * 15 * 51 + 512 * 51
     assert [it["step"] for it in summary["returns_by_iteration"]] == [100, 200, 240]
     evaluations = summary["eval_by_iteration"]
     assert [it["step"] for it in evaluations] == [100, 200, 240] and all(it["episodes"] == 4 for it in evaluations)

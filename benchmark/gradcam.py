@@ -32,7 +32,7 @@ import torch.nn.functional as F  # noqa: E402
 import tyro  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmark.aggregate import method_label  # noqa: E402
+from benchmark.metrics import method_label  # noqa: E402
 from benchmark.scripts import load_script  # noqa: E402
 
 

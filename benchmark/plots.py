@@ -1,5 +1,5 @@
 """The paper's plots from aggregated runs, drawn by `python benchmark/aggregate.py RUN_DIRS --out OUT` (matplotlib,
-Agg backend) as OUT/*.png next to aggregate.csv. Scores are human-normalised as in benchmark/aggregate.py, and every
+Agg backend) as OUT/*.png next to aggregate.csv. Scores are human-normalised as in benchmark/metrics.py, and every
 interval is its 95% stratified bootstrap over runs (Agarwal et al. 2021).
 
   iqm_vs_scale.png       Figure 6 (left): IQM of the final scores against the `scale` arg, one line per method
@@ -35,7 +35,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import ScalarFormatter  # noqa: E402
 
-from benchmark.aggregate import REFERENCE, Run, frames_per_step, iqm, score_matrix, stratified_bootstrap  # noqa: E402
+from benchmark.metrics import REFERENCE, Run, frames_per_step, iqm, score_matrix, stratified_bootstrap  # noqa: E402
 
 DIAGNOSTICS = {"diagnostics/dormant_fraction_phi": "dormant fraction of phi",
                "diagnostics/dormant_fraction_psi": "dormant fraction of psi",
@@ -230,8 +230,8 @@ def draw_iqm_vs_psi_parameters(runs: List[Run], rows: List[dict], out: str) -> O
         return skip("iqm_vs_psi_parameters", "no run records params_psi (runs made before it was added to "
                                                "summary.json)")
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, (count, *iqm) in points.items():
-        plot_iqm_point(ax, count, *iqm, method)
+    for method, (count, *interval) in points.items():  # interval: the IQM and its CI ends
+        plot_iqm_point(ax, count, *interval, method)
     ax.set_xscale("log")
     ax.set(xlabel="effective weights of psi (non-zero, layers and heads)", ylabel="IQM human-normalised score",
            title="Performance against the effective size of psi (95% CI)")

@@ -1,5 +1,5 @@
-"""benchmark/aggregate.py: the metrics against their definitions (rliable's), the stratified bootstrap, and the
-whole path from run folders to aggregate.csv."""
+"""benchmark/metrics.py and benchmark/aggregate.py: the metrics against their definitions (rliable's), the stratified
+bootstrap, and the whole path from run folders to aggregate.csv."""
 
 import csv
 import json
@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from benchmark import aggregate
+from benchmark import aggregate, metrics
 from benchmark.scripts import ROOT, load_script
 
 PROCGEN = ["bigfish", "bossfight", "caveflyer", "chaser", "climber", "coinrun", "dodgeball", "fruitbot", "heist",
@@ -20,12 +20,12 @@ PROCGEN = ["bigfish", "bossfight", "caveflyer", "chaser", "climber", "coinrun", 
 def test_metrics_match_their_definitions():
     scores = np.array([[0.1, 2.0, -0.5], [0.4, 1.0, 0.3], [0.2, 3.0, 0.9], [0.8, 0.5, 1.5]])  # 4 runs x 3 games
     flat = sorted(scores.ravel().tolist())  # 12 values: the IQM drops 3 from each end
-    assert aggregate.iqm(scores) == pytest.approx(sum(flat[3:9]) / 6)
+    assert metrics.iqm(scores) == pytest.approx(sum(flat[3:9]) / 6)
     game_means = [(0.1 + 0.4 + 0.2 + 0.8) / 4, (2.0 + 1.0 + 3.0 + 0.5) / 4, (-0.5 + 0.3 + 0.9 + 1.5) / 4]
-    assert aggregate.median(scores) == pytest.approx(sorted(game_means)[1])
-    assert aggregate.mean(scores) == pytest.approx(sum(game_means) / 3)
+    assert metrics.median(scores) == pytest.approx(sorted(game_means)[1])
+    assert metrics.mean(scores) == pytest.approx(sum(game_means) / 3)
     clipped = [min(v, 1.0) for v in scores.ravel()]
-    assert aggregate.optimality_gap(scores) == pytest.approx(1 - sum(clipped) / 12)
+    assert metrics.optimality_gap(scores) == pytest.approx(1 - sum(clipped) / 12)
 
 
 def test_bootstrap_is_stratified_reproducible_and_brackets_the_estimate():
@@ -35,34 +35,42 @@ def test_bootstrap_is_stratified_reproducible_and_brackets_the_estimate():
 
     def recording_mean(sample):
         seen.append(sample)
-        return aggregate.mean(sample)
+        return metrics.mean(sample)
 
-    low, high = aggregate.stratified_bootstrap(scores, recording_mean, reps=300, seed=7)
+    low, high = metrics.stratified_bootstrap(scores, recording_mean, reps=300, seed=7)
     assert len(seen) == 300
     for sample in seen:  # every resampled column holds runs of its own game only, as many as it had
         assert sample.shape == scores.shape
         assert all(set(sample[:, g]) <= set(scores[:, g]) for g in range(4))
-    assert low <= aggregate.mean(scores) <= high
-    assert aggregate.stratified_bootstrap(scores, aggregate.mean, 300, 7) == (low, high)
-    assert aggregate.stratified_bootstrap(scores, aggregate.mean, 300, 8) != (low, high)
+    # stratified: each game draws its own runs, so a row of a sample mixes runs (resampling whole runs would keep each
+    # row one run). The scores are distinct, so each value names its run.
+    run_of = lambda game, value: int(np.flatnonzero(scores[:, game] == value)[0])
+    rows_of_one_run = 0
+    for sample in seen:
+        for row in sample:
+            rows_of_one_run += len({run_of(g, row[g]) for g in range(4)}) == 1
+    assert rows_of_one_run / (300 * 5) < 0.05  # independent draws: 5 * (1/5)^4 = 0.008; whole runs: 1
+    assert low <= metrics.mean(scores) <= high
+    assert metrics.stratified_bootstrap(scores, metrics.mean, 300, 7) == (low, high)
+    assert metrics.stratified_bootstrap(scores, metrics.mean, 300, 8) != (low, high)
     constant = np.tile(np.array([[0.5, 1.5, 2.0]]), (4, 1))  # identical runs: nothing to resample
-    point = aggregate.iqm(constant)
-    assert aggregate.stratified_bootstrap(constant, aggregate.iqm, 50, 0) == pytest.approx((point, point))
+    point = metrics.iqm(constant)
+    assert metrics.stratified_bootstrap(constant, metrics.iqm, 50, 0) == pytest.approx((point, point))
 
 
 def test_game_names_and_normalisation():
-    table = aggregate.reference_table()
+    table = metrics.reference_table()
     assert len(table) == 57 + 16
-    assert aggregate.normalised_score("bigfish", 20.5, table) == pytest.approx(0.5)  # easy range [1, 40]
-    assert aggregate.normalised_score("coinrun", 5.0, table) == pytest.approx(0.0)  # easy range [5, 10]
+    assert metrics.normalised_score("bigfish", 20.5, table) == pytest.approx(0.5)  # easy range [1, 40]
+    assert metrics.normalised_score("coinrun", 5.0, table) == pytest.approx(0.0)  # easy range [5, 10]
     for env_id in ["Pong-v5", "ALE/Pong-v5", "PongNoFrameskip-v4"]:
-        assert aggregate.game_name(env_id) == "pong"
+        assert metrics.game_name(env_id) == "pong"
     random_score, human_score = table["pong"]
-    assert aggregate.normalised_score("Pong-v5", human_score, table) == pytest.approx(1.0)
-    assert aggregate.normalised_score("ALE/Pong-v5", random_score, table) == pytest.approx(0.0)
+    assert metrics.normalised_score("Pong-v5", human_score, table) == pytest.approx(1.0)
+    assert metrics.normalised_score("ALE/Pong-v5", random_score, table) == pytest.approx(0.0)
     with pytest.raises(SystemExit):
-        aggregate.normalised_score("tests.catch_env:Catch-v0", 1.0, table)
-    hard = aggregate.reference_table("hard")
+        metrics.normalised_score("tests.catch_env:Catch-v0", 1.0, table)
+    hard = metrics.reference_table("hard")
     assert hard["starpilot"] == (1.5, 35.0) and table["starpilot"] == (2.5, 64.0)  # Cobbe et al. (2020), Table 1
     assert hard["coinrun"] == table["coinrun"] == (5.0, 10.0)
     assert {game: hard[game] for game in hard if game not in PROCGEN} == {
@@ -73,7 +81,7 @@ def test_procgen_ranges_match_the_procgen_script():
     """procgen_norm.csv and rainbow_procgen_gap.py's PROCGEN_SCORE_RANGES (its summary's normalized_score) are two
     copies of Cobbe et al.'s table: they must agree, game by game and mode by mode."""
     ranges = load_script("rainbow_procgen_gap").PROCGEN_SCORE_RANGES
-    easy, hard = aggregate.reference_table("easy"), aggregate.reference_table("hard")
+    easy, hard = metrics.reference_table("easy"), metrics.reference_table("hard")
     assert sorted(ranges) == sorted(PROCGEN)
     for game, (easy_min, easy_max, hard_min, hard_max) in ranges.items():
         assert easy[game] == (easy_min, easy_max) and hard[game] == (hard_min, hard_max), game
@@ -87,7 +95,7 @@ def write_run(folder, script, env_id, seed, score, **args):
 
 
 def test_run_folders_to_aggregate_csv(tmp_path):
-    table = aggregate.reference_table()
+    table = metrics.reference_table()
     expected = {}
     for pooling, level in [("gap", 0.9), ("flatten", 0.4)]:
         normalised = []
@@ -108,7 +116,7 @@ def test_run_folders_to_aggregate_csv(tmp_path):
     assert "skipping" in result.stderr and "unfinished" in result.stderr
     rows = list(csv.DictReader(open(out / "aggregate.csv")))
     assert list(rows[0]) == ["method", "metric", "value", "ci_low", "ci_high"]
-    assert {(r["method"], r["metric"]) for r in rows} == {(m, k) for m in expected for k in aggregate.METRICS}
+    assert {(r["method"], r["metric"]) for r in rows} == {(m, k) for m in expected for k in metrics.METRICS}
     for row in rows:
         assert float(row["ci_low"]) <= float(row["value"]) + 1e-12 <= float(row["ci_high"]) + 2e-12
         if row["metric"] == "mean":
@@ -118,16 +126,40 @@ def test_run_folders_to_aggregate_csv(tmp_path):
     assert {r["method"] for r in grouped} == {"rainbow_impala_gap pooling=gap", "rainbow_impala_gap pooling=flatten"}
 
 
+def test_a_sweep_folder_is_searched_for_its_runs(tmp_path, capsys):
+    """`aggregate.py runs/sweep` as a user types it: the runs below (sweep layout: point folder, then the script's run
+    folder), finished ones aggregated, an interrupted one (a checkpoint, no summary) reported and skipped."""
+    table = metrics.reference_table()
+    random_score, human_score = table["pong"]
+    for seed in range(2):
+        point = tmp_path / "sweep" / f"Pong-v5__pooling=gap__seed{seed}"
+        write_run(point / f"Pong-v5__rainbow_impala_gap__{seed}__1700000000", "rainbow_impala_gap.py", "Pong-v5",
+                  seed, random_score + 0.25 * (seed + 1) * (human_score - random_score))
+        (point / "log.txt").write_text("")
+    interrupted = tmp_path / "sweep" / "Pong-v5__pooling=gap__seed9" / "Pong-v5__rainbow_impala_gap__9__1700000000"
+    interrupted.mkdir(parents=True)
+    (interrupted / "checkpoint.pt").write_bytes(b"")
+    assert metrics.find_run_dirs([str(tmp_path / "sweep")]) == sorted(
+        str(p) for p in (tmp_path / "sweep").glob("*/Pong-v5__*"))
+    rows = aggregate.main(aggregate.Args(run_dirs=[str(tmp_path / "sweep")], out=str(tmp_path / "out"), reps=20,
+                                         plots=False))
+    mean = [r for r in rows if r["metric"] == "mean"]
+    assert len(mean) == 1 and mean[0]["value"] == pytest.approx((0.25 + 0.5) / 2) and mean[0]["runs"] == 2
+    assert "skipping" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="no run folders"):
+        metrics.find_run_dirs([str(tmp_path / "out")])
+
+
 def test_matches_rliable_on_the_same_data():
     """Point estimates equal rliable's; interval ends agree within 0.01 (rliable's own runs differ by 0.002)."""
     reference = json.load(open(os.path.join(os.path.dirname(__file__), "data", "rliable_reference.json")))
-    assert reference["metrics"] == aggregate.METRICS
+    assert reference["metrics"] == metrics.METRICS
     for method in reference["methods"].values():
         scores = np.array(method["scores"])
-        for i, metric in enumerate(aggregate.METRICS):
-            function = aggregate.METRIC_FUNCTIONS[metric]
+        for i, metric in enumerate(metrics.METRICS):
+            function = metrics.METRIC_FUNCTIONS[metric]
             assert function(scores) == pytest.approx(method["value"][i], abs=1e-12)
-            low, high = aggregate.stratified_bootstrap(scores, function, reps=20000, seed=0)
+            low, high = metrics.stratified_bootstrap(scores, function, reps=20000, seed=0)
             assert low == pytest.approx(method["ci_low"][i], abs=0.01)
             assert high == pytest.approx(method["ci_high"][i], abs=0.01)
 
@@ -143,7 +175,7 @@ def test_scripts_that_evaluate_every_iteration_are_scored_on_their_final_evaluat
     for name, summary in summaries.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "summary.json").write_text(json.dumps(dict(summary, seed=1, args=dict(seed=1))))
-    runs = {os.path.basename(run.folder): run for run in aggregate.load_runs(sorted(map(str, tmp_path.iterdir())), [])}
+    runs = {os.path.basename(run.folder): run for run in metrics.load_runs(sorted(map(str, tmp_path.iterdir())), [])}
     assert {name: run.score for name, run in runs.items()} == pytest.approx(dict(der=0.5, procgen=0.5, ale=0.5))
     assert [point[1] for point in runs["der"].curve] == pytest.approx([0.0, 0.5])  # the curve of evaluations
 
@@ -158,7 +190,7 @@ def test_procgen_runs_are_normalised_with_the_ranges_of_their_distribution_mode(
                        args=dict(seed=1, env_id="starpilot", distribution_mode=mode))
         (tmp_path / mode).mkdir()
         (tmp_path / mode / "summary.json").write_text(json.dumps(summary))
-    runs = {os.path.basename(run.folder): run for run in aggregate.load_runs(sorted(map(str, tmp_path.iterdir())), [])}
+    runs = {os.path.basename(run.folder): run for run in metrics.load_runs(sorted(map(str, tmp_path.iterdir())), [])}
     # starpilot: hard range [1.5, 35], easy range [2.5, 64] (Cobbe et al. 2020)
     assert runs["hard"].score == pytest.approx((18.25 - 1.5) / (35 - 1.5)) == pytest.approx(0.5)
     assert [point[0] for point in runs["hard"].curve] == [100, 200]  # Procgen: a frame is an agent step
@@ -172,7 +204,7 @@ def test_procgen_runs_are_normalised_with_the_ranges_of_their_distribution_mode(
     (tmp_path / "memory").mkdir()
     (tmp_path / "memory" / "summary.json").write_text(json.dumps(memory))
     with pytest.raises(SystemExit, match="'memory' distribution mode, which has no ranges"):
-        aggregate.load_runs([str(tmp_path / "memory")], [])
+        metrics.load_runs([str(tmp_path / "memory")], [])
 
 
 def test_iteration_scores_each_run_at_that_iteration(tmp_path, capsys):
@@ -193,14 +225,14 @@ def test_iteration_scores_each_run_at_that_iteration(tmp_path, capsys):
         (tmp_path / name / "summary.json").write_text(json.dumps(dict(summary, seed=1, args=dict(seed=1))))
     folders = sorted(map(str, tmp_path.iterdir()))
     capsys.readouterr()
-    at_two = {os.path.basename(run.folder): run for run in aggregate.load_runs(folders, [], iteration=2)}
+    at_two = {os.path.basename(run.folder): run for run in metrics.load_runs(folders, [], iteration=2)}
     skipped = capsys.readouterr().err
     assert {name: run.score for name, run in at_two.items()} == pytest.approx(dict(ale=0.5, der=1.0))
     assert "short: no return at iteration 2" in skipped and "no_episode: no return at iteration 2" in skipped
     assert [point[1] for point in at_two["ale"].curve] == pytest.approx([0.0, 0.5])
-    at_one = {os.path.basename(run.folder): run.score for run in aggregate.load_runs(folders, [], iteration=1)}
+    at_one = {os.path.basename(run.folder): run.score for run in metrics.load_runs(folders, [], iteration=1)}
     assert at_one == pytest.approx(dict(ale=0.0, der=0.5, short=1.0, no_episode=0.0))
-    final = {os.path.basename(run.folder): run.score for run in aggregate.load_runs(folders, [])}
+    final = {os.path.basename(run.folder): run.score for run in metrics.load_runs(folders, [])}
     assert final == pytest.approx(dict(ale=1.0, der=1.0, short=1.0, no_episode=1.0))
     with pytest.raises(SystemExit, match="--iteration counts from 1"):
         aggregate.main(aggregate.Args(run_dirs=folders, out=str(tmp_path / "out"), iteration=0))

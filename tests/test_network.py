@@ -92,9 +92,24 @@ def test_pad_same_matches_tensorflow_rule(size, kernel, stride):
     total = max((out - 1) * stride + kernel - size, 0)
     x = torch.ones(1, 1, size, size)
     padded = gap.pad_same(x, kernel, stride)
-    assert padded.shape[-1] == size + total
-    assert padded[0, 0, total // 2, total // 2] == 1  # the smaller half of the padding comes first
+    assert padded.shape[-2:] == (size + total, size + total)
+    before, after = total // 2, total - total // 2  # the smaller half first (top, left), the larger after
+    rows, columns = padded[0, 0].sum(1) > 0, padded[0, 0].sum(0) > 0  # which rows and columns hold the image
+    for held in (rows, columns):
+        assert held.tolist() == [False] * before + [True] * size + [False] * after
     assert torch.nn.functional.max_pool2d(padded, kernel, stride).shape[-1] == out
+
+
+def test_impala_max_pooling_pads_with_minus_infinity():
+    """flax's max_pool with SAME padding ignores the padding: a map of -5 everywhere pools to -5, borders included
+    (zero padding would give 0 at the bottom and right edges)."""
+    stack = gap.ImpalaStack(1, 1, blocks=0)
+    with torch.no_grad():
+        stack.conv.weight.zero_()
+        stack.conv.bias.fill_(-5.0)
+    pooled = stack(torch.zeros(1, 1, 84, 84))
+    assert pooled.shape[-2:] == (42, 42)
+    assert torch.equal(pooled, torch.full_like(pooled, -5.0))
 
 
 def test_dueling_and_noisy_heads_shapes():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
-from benchmark import aggregate, plots
+from benchmark import aggregate, metrics, plots
 from benchmark.scripts import ROOT
 
 PNG_HEADER = b"\x89PNG\r\n\x1a\n"
@@ -23,7 +23,7 @@ def write_run(folder, game, seed, fractions, diagnostics=None, wall_seconds=3600
     """A finished flagship run whose iteration k scores fractions[k] human-normalised (None: no episode ended);
     diagnostics: tag -> values, one an iteration, written as TensorBoard scalars; counts: summary fields such as
     params_psi."""
-    random_score, human_score = aggregate.reference_table()[game.lower()]
+    random_score, human_score = metrics.reference_table()[game.lower()]
     returns = [dict(step=ITERATION * (k + 1), episodes=0 if f is None else 3,
                     mean_return=None if f is None else random_score + f * (human_score - random_score))
                for k, f in enumerate(fractions)]
@@ -49,7 +49,7 @@ def test_iqm_over_training_is_the_iqm_of_each_iteration(tmp_path):
                  ("Breakout", 0): [0.3, 0.6, 2.0], ("Breakout", 1): [-0.1, 0.2, 0.8], ("Breakout", 2): [0.05, 0.3, 1.5]}
     folders = [write_run(tmp_path / f"{game}{seed}", game, seed, f, pooling="flatten", scale=4)
                for (game, seed), f in fractions.items()]
-    runs = aggregate.load_runs(folders, [])
+    runs = metrics.load_runs(folders, [])
     curves = plots.iqm_over_training(runs, reps=200, seed=0)
     assert list(curves) == ["rainbow_impala_gap pooling=flatten scale=4"]
     curve = curves["rainbow_impala_gap pooling=flatten scale=4"]
@@ -73,8 +73,8 @@ def test_iqm_by_scale_puts_a_methods_scales_on_one_line(tmp_path):
                     folders.append(write_run(tmp_path / f"{pooling}{scale}{game}{seed}", game, seed, [0.0, f],
                                              pooling=pooling, scale=scale))
                     scores.append(f)
-            expected[(pooling, scale)] = aggregate.iqm(np.array(scores))
-    lines = plots.iqm_by_scale(aggregate.load_runs(folders, []), reps=100, seed=0)
+            expected[(pooling, scale)] = metrics.iqm(np.array(scores))
+    lines = plots.iqm_by_scale(metrics.load_runs(folders, []), reps=100, seed=0)
     # gap is the flagship's default pooling: its label has no args left once the scale is dropped
     assert lines.keys() == {"rainbow_impala_gap", "rainbow_impala_gap pooling=flatten"}
     for label, pooling in [("rainbow_impala_gap", "gap"), ("rainbow_impala_gap pooling=flatten", "flatten")]:
@@ -89,7 +89,7 @@ def test_diagnostics_are_averaged_over_a_methods_runs(tmp_path):
     folders = [write_run(tmp_path / "a", "Pong", 0, [0.1, 0.2], {phi: [0.0, 0.1], psi: [0.2, 0.4], norm: [3.0, 5.0]}),
                write_run(tmp_path / "b", "Pong", 1, [0.1, 0.2], {phi: [0.2, 0.3], psi: [0.4, 0.8], norm: [1.0, 2.0]}),
                write_run(tmp_path / "c", "Pong", 0, [0.1, 0.2], pooling="flatten")]  # no events: no curves
-    by_method = plots.diagnostics_by_method(aggregate.load_runs(folders, []))
+    by_method = plots.diagnostics_by_method(metrics.load_runs(folders, []))
     assert list(by_method) == ["rainbow_impala_gap"]
     curves = by_method["rainbow_impala_gap"]
     assert curves[phi] == ([4 * ITERATION, 8 * ITERATION], [pytest.approx(0.1), pytest.approx(0.2)])  # in frames
@@ -125,8 +125,8 @@ def test_psi_parameters_prefer_the_effective_count_and_average_over_runs(tmp_pat
             folders.append(write_run(tmp_path / f"dense{game}{seed}", game, seed, [0.5 + 0.1 * seed],
                                      counts=dict(params_psi=2000 + seed), scale=2))
     folders.append(write_run(tmp_path / "old", "Pong", 0, [0.9], scale=8))  # no count recorded: left out
-    runs = aggregate.load_runs(folders, [])
-    rows = aggregate.aggregate(aggregate.scores_by_method(runs), reps=50, seed=0)
+    runs = metrics.load_runs(folders, [])
+    rows = metrics.aggregate(metrics.scores_by_method(runs), reps=50, seed=0)
     points = plots.psi_parameters(runs, rows)
     iqm = {row["method"]: row["value"] for row in rows if row["metric"] == "iqm"}
     assert points.keys() == {"rainbow_impala_gap pooling=flatten", "rainbow_impala_gap scale=2"}
@@ -149,7 +149,7 @@ def test_aggregate_draws_every_plot(tmp_path):
                                                                  * scale), pooling=pooling, scale=scale))
     out = tmp_path / "out"
     rows = aggregate.main(aggregate.Args(run_dirs=folders, out=str(out), reps=100))
-    assert len(rows) == 4 * len(aggregate.METRICS)
+    assert len(rows) == 4 * len(metrics.METRICS)
     for name in PNGS:
         assert_png(out / name)
     assert (out / "aggregate.csv").is_file() and (out / "aggregate.md").is_file()

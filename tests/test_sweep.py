@@ -49,3 +49,17 @@ def test_local_sweep_reports_failures_skips_finished_runs_and_resumes(tmp_path):
     (resumed,) = sweep.plan(args)
     assert resumed.resume and resumed.command[-2] == "--resume"
     assert sweep.main(args) == 0 and os.path.exists(summaries[0])
+
+
+def test_slurm_dry_run_script_checkpoints_before_the_time_limit_and_requeues(tmp_path):
+    """No cluster needed: --dry-run prints the sbatch script. A task is told SIGUSR1 --signal-seconds before its time
+    limit (B: to the batch shell, which execs the task's python, which forwards it to the run), and may be requeued."""
+    result = run_sweep("--games", "Pong", "Breakout", "--seeds", "1", "--backend", "slurm", "--time-limit", "1:00:00",
+                       "--signal-seconds", "240", "--out", str(tmp_path), "--dry-run")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "#SBATCH --signal=B:USR1@240" in lines
+    assert "#SBATCH --requeue" in lines and "#SBATCH --time=1:00:00" in lines and "#SBATCH --array=0-1" in lines
+    (exec_line,) = [line for line in lines if line.startswith("exec ")]  # exec: the signal reaches python itself
+    assert "benchmark/sweep.py --slurm-task" in exec_line
+    assert not os.listdir(tmp_path)  # nothing written, nothing submitted

@@ -989,7 +989,8 @@ def main(args: Args) -> dict:
     stop_signals = []  # SIGTERM and SIGUSR1 (Slurm's warnings before preemption) checkpoint and exit with PREEMPTED
     handlers = {sig: signal.signal(sig, lambda received, frame: stop_signals.append(received))
                 for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    writer = SummaryWriter(run_dir, purge_step=loop["global_step"] or None)  # drops events logged after the checkpoint
+    # a resume drops the events logged after its checkpoint's step (those at that step were logged before it)
+    writer = SummaryWriter(run_dir, purge_step=loop["global_step"] + 1 if loop["global_step"] else None)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
     obs = torch.zeros(args.num_envs, args.frame_stack, 3, args.frame_size, args.frame_size, dtype=torch.uint8, device=device)

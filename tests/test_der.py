@@ -19,13 +19,7 @@ der = load_script("der_atari100k_gap")
 TINY = dict(frame_size=24, cuda=False, progress_seconds=1e9)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The tiny networks here are fastest on one thread; more only contend with the envs and other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def test_defaults_are_dopamine_der():

@@ -15,7 +15,6 @@ import math
 import gymnasium as gym
 import numpy as np
 import pytest
-import torch
 
 from benchmark.scripts import load_script
 
@@ -25,13 +24,7 @@ STEPS = 150  # agent steps: the ball is served and both paddles move well within
 ACTIONS = np.random.default_rng(0).integers(0, 6, STEPS)  # Pong's minimal action set has 6 actions
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The resizes are tiny; more threads only contend with the envs and other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def pong_args(backend: str) -> "gap.Args":

@@ -21,15 +21,7 @@ procgen_gap = load_script(NAME)
 procgen = pytest.importorskip("procgen")
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """One torch thread here and in the scripts these tests start: the batches are tiny and the test machine's few
-    cores are shared, where more threads contend and run several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # inherited by subprocesses
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def small_args(**overrides):

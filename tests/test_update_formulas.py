@@ -26,13 +26,7 @@ AGENTS = {"full_rainbow": dict(),  # the script's default, labs/moes full_rainbo
           "core_rainbow": dict(noisy=False, dueling=False, double_dqn=False)}  # Dopamine's rainbow.gin agent
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The tiny networks here are fastest on one thread; more only contend with the envs and other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def tiny_args(**overrides) -> "gap.Args":

@@ -91,7 +91,7 @@ def grad_cam(net: nn.Module, obs: torch.Tensor, layer: str = "last-conv"):
         hook.remove()
     activations = captured[-1]
     actions = q.argmax(1)
-    gradients, = torch.autograd.grad(q.gather(1, actions.unsqueeze(1)).sum(), activations)  # samples are independent
+    (gradients,) = torch.autograd.grad(q.gather(1, actions.unsqueeze(1)).sum(), activations)  # samples are independent
     weights = gradients.mean(dim=(2, 3), keepdim=True)
     cam = F.relu((weights * activations).sum(1, keepdim=True))
     cam = F.interpolate(cam, size=obs.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
@@ -146,8 +146,10 @@ def main(args: Args) -> str:
     for run_dir, (_, script_args, _, _) in zip(args.run_dirs, runs):
         theirs = (script_args.env_id, script_args.frame_size, script_args.frame_stack)
         if theirs != (first.env_id, first.frame_size, first.frame_stack):
-            fail(f"{run_dir} has env, frame size and stack {theirs}, the first run "
-                 f"{(first.env_id, first.frame_size, first.frame_stack)}: they must be explained on the same frames")
+            fail(
+                f"{run_dir} has env, frame size and stack {theirs}, the first run "
+                f"{(first.env_id, first.frame_size, first.frame_stack)}: they must be explained on the same frames"
+            )
     env = runs[0][0].make_env(first, num_envs=1, seed=args.seed)
     nets = []
     for module, script_args, state_dict, _ in runs:

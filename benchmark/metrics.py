@@ -18,7 +18,6 @@ Confidence intervals: resample runs with replacement within each game (stratifie
 and 97.5; reproducible for a given seed.
 """
 
-
 import csv
 import dataclasses
 import json
@@ -27,7 +26,7 @@ import re
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -36,16 +35,32 @@ from benchmark.scripts import load_script  # noqa: E402
 
 REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference")
 # args that do not change the experiment: never part of a method's label
-RUN_CONTROL = {"seed", "env_id", "exp_name", "output_dir", "cuda", "compile", "cudagraphs", "save_model", "resume",
-               "log_every", "progress_seconds", "checkpoint_every", "checkpoint_replay", "torch_deterministic",
-               "eval_episodes", "diagnostics_every", "diagnostics_batch_size"}
+RUN_CONTROL = {
+    "seed",
+    "env_id",
+    "exp_name",
+    "output_dir",
+    "cuda",
+    "compile",
+    "cudagraphs",
+    "save_model",
+    "resume",
+    "log_every",
+    "progress_seconds",
+    "checkpoint_every",
+    "checkpoint_replay",
+    "torch_deterministic",
+    "eval_episodes",
+    "diagnostics_every",
+    "diagnostics_batch_size",
+}
 METRICS = ["iqm", "median", "mean", "optimality_gap"]
 
 
 def iqm(scores: np.ndarray) -> float:
     flat = np.sort(scores.ravel())
     cut = int(0.25 * len(flat))  # scipy.stats.trim_mean(proportiontocut=0.25), as rliable
-    return float(flat[cut:len(flat) - cut].mean())
+    return float(flat[cut : len(flat) - cut].mean())
 
 
 def median(scores: np.ndarray) -> float:
@@ -77,11 +92,16 @@ def stratified_bootstrap(scores: np.ndarray, metric, reps: int, seed: int) -> tu
 PROCGEN_MODES = ("easy", "hard")  # the distribution modes procgen_norm.csv has ranges for
 
 
+def atari_random_and_human() -> Dict[str, tuple]:
+    """game -> (random score, human score), the table rliable uses."""
+    with open(os.path.join(REFERENCE, "atari_human_random.csv")) as f:
+        return {row["game"].lower(): (float(row["random"]), float(row["human"])) for row in csv.DictReader(f)}
+
+
 def reference_table(distribution_mode: str = "easy") -> Dict[str, tuple]:
     """game -> (score normalised to 0, score normalised to 1): Atari's random and human scores, and Procgen's minimum
     and maximum returns in `distribution_mode`, one of PROCGEN_MODES (Cobbe et al. 2020)."""
-    with open(os.path.join(REFERENCE, "atari_human_random.csv")) as f:
-        table = {row["game"].lower(): (float(row["random"]), float(row["human"])) for row in csv.DictReader(f)}
+    table = atari_random_and_human()
     low, high = f"{distribution_mode}_min", f"{distribution_mode}_max"
     with open(os.path.join(REFERENCE, "procgen_norm.csv")) as f:
         table.update({row["game"]: (float(row[low]), float(row[high])) for row in csv.DictReader(f)})
@@ -115,20 +135,21 @@ def method_label(summary: dict, group_by: List[str], drop: Sequence[str] = ()) -
     args left out (e.g. `scale`, to put a method's scales on one line)."""
     args, script = summary["args"], os.path.splitext(summary["script"])[0]
     defaults = script_defaults(script)
-    names = group_by or sorted(k for k in args
-                               if k not in RUN_CONTROL and (k not in defaults or args[k] != defaults[k]))
+    names = group_by or sorted(k for k in args if k not in RUN_CONTROL and (k not in defaults or args[k] != defaults[k]))
     return " ".join([script] + [f"{k}={args.get(k)}" for k in names if k not in drop])
 
 
 @dataclass
 class Run:
     """A finished run: its folder and summary.json, its method, game and normalised scores."""
+
     folder: str
     summary: dict
     method: str
     family: str  # the method without its scale
     game: str
-    score: float  # the final one, as aggregated
+    score: float  # the final one, normalised, as aggregated
+    raw_score: float  # the same before normalisation
     curve: List[tuple]  # (frames, normalised mean training return or nan), one an iteration
 
     @property
@@ -188,13 +209,30 @@ def load_runs(run_dirs: List[str], group_by: List[str], iteration: Optional[int]
         env_id, skip = summary["env_id"], frames_per_step(summary)
         mode = summary["args"].get("distribution_mode", "easy")
         if mode not in tables:
-            raise SystemExit(f"error: {run_dir} played Procgen's '{mode}' distribution mode, which has no ranges in "
-                             f"procgen_norm.csv (only {', '.join(PROCGEN_MODES)})")
+            raise SystemExit(
+                f"error: {run_dir} played Procgen's '{mode}' distribution mode, which has no ranges in "
+                f"procgen_norm.csv (only {', '.join(PROCGEN_MODES)})"
+            )
         table = tables[mode]
-        curve = [(point["step"] * skip, float("nan") if point["mean_return"] is None else
-                  normalised_score(env_id, point["mean_return"], table)) for point in points]
-        runs.append(Run(run_dir, summary, method_label(summary, group_by), method_label(summary, group_by, ["scale"]),
-                        game_name(env_id), normalised_score(env_id, score, table), curve))
+        curve = [
+            (
+                point["step"] * skip,
+                float("nan") if point["mean_return"] is None else normalised_score(env_id, point["mean_return"], table),
+            )
+            for point in points
+        ]
+        runs.append(
+            Run(
+                run_dir,
+                summary,
+                method_label(summary, group_by),
+                method_label(summary, group_by, ["scale"]),
+                game_name(env_id),
+                normalised_score(env_id, score, table),
+                score,
+                curve,
+            )
+        )
     return runs
 
 
@@ -220,8 +258,43 @@ def aggregate(scores: Dict[str, Dict[str, List[float]]], reps: int, seed: int) -
         matrix = score_matrix(scores[method])
         for metric in METRICS:
             low, high = stratified_bootstrap(matrix, METRIC_FUNCTIONS[metric], reps, seed)
-            rows.append(dict(method=method, metric=metric, value=METRIC_FUNCTIONS[metric](matrix), ci_low=low,
-                             ci_high=high, runs=matrix.shape[0], games=matrix.shape[1]))
+            rows.append(
+                dict(
+                    method=method,
+                    metric=metric,
+                    value=METRIC_FUNCTIONS[metric](matrix),
+                    ci_low=low,
+                    ci_high=high,
+                    runs=matrix.shape[0],
+                    games=matrix.shape[1],
+                )
+            )
     return rows
 
 
+def per_game(runs: List[Run]) -> List[dict]:
+    """One row a method and game: its number of runs, their mean raw score and their mean normalised score."""
+    by_method_and_game = defaultdict(list)
+    for run in runs:
+        by_method_and_game[(run.method, run.game)].append(run)
+    rows = []
+    for (method, game), game_runs in sorted(by_method_and_game.items()):
+        raw = float(np.mean([run.raw_score for run in game_runs]))
+        normalised = float(np.mean([run.score for run in game_runs]))
+        rows.append(dict(method=method, game=game, runs=len(game_runs), score=raw, normalised=normalised))
+    return rows
+
+
+def published_scores(path: str) -> Tuple[str, Dict[str, float]]:
+    """A CSV of published per-game scores: its `game` column and its first other column, e.g. DER's Atari 100k
+    table (benchmark/reference/der_atari100k.csv: game,der_score,hns) -> ("der_score", {"alien": 739.9, ...})."""
+    with open(path) as f:
+        reader = csv.DictReader(f)
+        column = next(name for name in reader.fieldnames if name != "game")
+        return column, {row["game"].lower(): float(row[column]) for row in reader}
+
+
+def random_play_scores(path: str) -> Dict[str, float]:
+    """benchmark/random_play.py's JSON (game -> its measurement): game -> mean return of uniform random play."""
+    with open(path) as f:
+        return {game.lower(): measured["mean_return"] for game, measured in json.load(f).items()}

@@ -37,9 +37,11 @@ from matplotlib.ticker import ScalarFormatter  # noqa: E402
 
 from benchmark.metrics import REFERENCE, Run, frames_per_step, iqm, score_matrix, stratified_bootstrap  # noqa: E402
 
-DIAGNOSTICS = {"diagnostics/dormant_fraction_phi": "dormant fraction of phi",
-               "diagnostics/dormant_fraction_psi": "dormant fraction of psi",
-               "diagnostics/bottleneck_feature_norm": "bottleneck feature norm"}
+DIAGNOSTICS = {
+    "diagnostics/dormant_fraction_phi": "dormant fraction of phi",
+    "diagnostics/dormant_fraction_psi": "dormant fraction of psi",
+    "diagnostics/bottleneck_feature_norm": "bottleneck feature norm",
+}
 DOPAMINE_VARIANTS = {"jax_impala": "Dopamine Rainbow, Impala", "jax_nature_cnn": "Dopamine Rainbow, Nature CNN"}
 FLAGSHIP = "rainbow_impala_gap.py"
 CURVE_REPS = 500  # bootstrap resamples at each point of a training curve (hundreds of points)
@@ -125,8 +127,10 @@ def diagnostics_by_method(runs: List[Run]) -> Dict[str, Dict[str, tuple]]:
                 for step, value in points:
                     values[tag][step * frames_per_step(run.summary)].append(value)
         if values:
-            result[method] = {tag: (sorted(by_step), [float(np.mean(by_step[s])) for s in sorted(by_step)])
-                              for tag, by_step in values.items()}
+            result[method] = {
+                tag: (sorted(by_step), [float(np.mean(by_step[s])) for s in sorted(by_step)])
+                for tag, by_step in values.items()
+            }
     return result
 
 
@@ -154,12 +158,13 @@ def save(fig, out: str, name: str) -> str:
 def draw_iqm_over_training(runs: List[Run], out: str, reps: int, seed: int) -> Optional[str]:
     curves = iqm_over_training(runs, min(reps, CURVE_REPS), seed)
     if not curves:
-        return skip("iqm_over_training", "no method has an iteration with a return in every run (and as many runs "
-                                          "in every game)")
+        return skip(
+            "iqm_over_training", "no method has an iteration with a return in every run (and as many runs in every game)"
+        )
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method, curve in curves.items():
         frames = np.array(curve["frames"]) / 1e6
-        line, = ax.plot(frames, curve["iqm"], marker="." if len(frames) < 30 else None, label=method)
+        (line,) = ax.plot(frames, curve["iqm"], marker="." if len(frames) < 30 else None, label=method)
         ax.fill_between(frames, curve["low"], curve["high"], color=line.get_color(), alpha=0.2)
     ax.set(xlabel="frames (millions)", ylabel="IQM human-normalised score", title="IQM over training (95% CI)")
     ax.legend(fontsize=7)
@@ -194,8 +199,7 @@ def plot_iqm_point(ax, x: float, value: float, low: float, high: float, label: s
 
 def draw_gpu_hours(runs: List[Run], rows: List[dict], out: str) -> Optional[str]:
     iqm_rows = iqm_rows_by_method(rows)
-    timed = group([run for run in runs if run.summary.get("wall_seconds") and run.method in iqm_rows],
-                  lambda run: run.method)
+    timed = group([run for run in runs if run.summary.get("wall_seconds") and run.method in iqm_rows], lambda run: run.method)
     if not timed:
         return skip("gpu_hours_vs_iqm", "no run records wall_seconds")
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -205,8 +209,11 @@ def draw_gpu_hours(runs: List[Run], rows: List[dict], out: str) -> Optional[str]
         plot_iqm_point(ax, hours, row["value"], row["ci_low"], row["ci_high"], method)
         devices = ", ".join(sorted({str(run.summary.get("device", "?")) for run in members}))
         ax.annotate(devices, (hours, row["value"]), textcoords="offset points", xytext=(5, 5), fontsize=7)
-    ax.set(xlabel="hours per run (one game), mean over runs", ylabel="IQM human-normalised score",
-           title="Compute against performance")
+    ax.set(
+        xlabel="hours per run (one game), mean over runs",
+        ylabel="IQM human-normalised score",
+        title="Compute against performance",
+    )
     ax.legend(fontsize=7)
     return save(fig, out, "gpu_hours_vs_iqm.png")
 
@@ -227,14 +234,16 @@ def psi_parameters(runs: List[Run], rows: List[dict]) -> Dict[str, tuple]:
 def draw_iqm_vs_psi_parameters(runs: List[Run], rows: List[dict], out: str) -> Optional[str]:
     points = psi_parameters(runs, rows)
     if not points:
-        return skip("iqm_vs_psi_parameters", "no run records params_psi (runs made before it was added to "
-                                               "summary.json)")
+        return skip("iqm_vs_psi_parameters", "no run records params_psi (runs made before it was added to summary.json)")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method, (count, *interval) in points.items():  # interval: the IQM and its CI ends
         plot_iqm_point(ax, count, *interval, method)
     ax.set_xscale("log")
-    ax.set(xlabel="effective weights of psi (non-zero, layers and heads)", ylabel="IQM human-normalised score",
-           title="Performance against the effective size of psi (95% CI)")
+    ax.set(
+        xlabel="effective weights of psi (non-zero, layers and heads)",
+        ylabel="IQM human-normalised score",
+        title="Performance against the effective size of psi (95% CI)",
+    )
     ax.legend(fontsize=7)
     return save(fig, out, "iqm_vs_psi_parameters.png")
 
@@ -284,8 +293,9 @@ def draw_dopamine_curves(runs: List[Run], out: str) -> Optional[str]:
     colors = dict(zip(DOPAMINE_VARIANTS, ["black", "gray"]))  # the same colour for a curve in every game
     colors.update({method: palette[i % len(palette)] for i, method in enumerate(sorted({run.method for run in ours}))})
     cols = min(4, len(games))
-    fig, axes = plt.subplots(math.ceil(len(games) / cols), cols, figsize=(4 * cols, 3 * math.ceil(len(games) / cols)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        math.ceil(len(games) / cols), cols, figsize=(4 * cols, 3 * math.ceil(len(games) / cols)), squeeze=False
+    )
     for ax, game in zip(axes.ravel(), games):
         for variant, label in DOPAMINE_VARIANTS.items():
             curve = reference[game].get(variant)
@@ -296,8 +306,15 @@ def draw_dopamine_curves(runs: List[Run], out: str) -> Optional[str]:
             length = min(len(run.curve) for run in members)  # the iterations every seed reached
             if length == 0:
                 continue
-            returns = np.array([[np.nan if p["mean_return"] is None else p["mean_return"]
-                                 for p in run.summary["returns_by_iteration"][:length]] for run in members])
+            returns = np.array(
+                [
+                    [
+                        np.nan if p["mean_return"] is None else p["mean_return"]
+                        for p in run.summary["returns_by_iteration"][:length]
+                    ]
+                    for run in members
+                ]
+            )
             frames = np.array([run.curve[:length] for run in members])[:, :, 0].mean(0) / 1e6
             with warnings.catch_warnings():  # an iteration where no seed ended an episode stays a gap
                 warnings.simplefilter("ignore", RuntimeWarning)
@@ -305,7 +322,7 @@ def draw_dopamine_curves(runs: List[Run], out: str) -> Optional[str]:
             ax.plot(frames, mean, marker="." if length < 30 else None, color=colors[method], label=method)
             ax.fill_between(frames, low, high, color=colors[method], alpha=0.2)
         ax.set(title=game, xlabel="frames (millions)", ylabel="mean training return")
-    for ax in axes.ravel()[len(games):]:
+    for ax in axes.ravel()[len(games) :]:
         ax.axis("off")
     legend = {}
     for ax in axes.ravel():
@@ -317,8 +334,13 @@ def draw_dopamine_curves(runs: List[Run], out: str) -> Optional[str]:
 def draw_all(runs: List[Run], rows: List[dict], out: str, reps: int, seed: int) -> List[str]:
     """Every plot the runs can make; returns the paths written."""
     os.makedirs(out, exist_ok=True)
-    paths = [draw_iqm_vs_scale(runs, out, reps, seed), draw_iqm_over_training(runs, out, reps, seed),
-             draw_gpu_hours(runs, rows, out), draw_iqm_vs_psi_parameters(runs, rows, out),
-             draw_method_comparison(rows, out), draw_diagnostics(runs, out),
-             draw_dopamine_curves(runs, out)]
+    paths = [
+        draw_iqm_vs_scale(runs, out, reps, seed),
+        draw_iqm_over_training(runs, out, reps, seed),
+        draw_gpu_hours(runs, rows, out),
+        draw_iqm_vs_psi_parameters(runs, rows, out),
+        draw_method_comparison(rows, out),
+        draw_diagnostics(runs, out),
+        draw_dopamine_curves(runs, out),
+    ]
     return [path for path in paths if path]

@@ -67,11 +67,20 @@ def main(args: Args) -> dict:
         start = time.time()
         returns = random_returns(module, script_args, args.episodes, args.seed)
         table_random = table.get(game_name(script_args.env_id), (None, None))[0]
-        results[game] = dict(episodes=args.episodes, mean_return=float(returns.mean()), std_return=float(returns.std()),
-                             table_random=table_random, seconds=round(time.time() - start, 1),
-                             script=args.script, env_backend=args.env_backend)
-        print(f"{game}: {returns.mean():.1f} +- {returns.std():.1f} over {args.episodes} games "
-              f"(table random {table_random}) in {results[game]['seconds']} s", flush=True)
+        results[game] = dict(
+            episodes=args.episodes,
+            mean_return=float(returns.mean()),
+            std_return=float(returns.std()),
+            table_random=table_random,
+            seconds=round(time.time() - start, 1),
+            script=args.script,
+            env_backend=args.env_backend,
+        )
+        print(
+            f"{game}: {returns.mean():.1f} +- {returns.std():.1f} over {args.episodes} games "
+            f"(table random {table_random}) in {results[game]['seconds']} s",
+            flush=True,
+        )
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2, sort_keys=True)

@@ -29,8 +29,15 @@ def load_script(name: str):
 def filled_replay(module, script_args, device: torch.device):
     """A full replay of random frames, every transition sampleable at priority 1 (sampling cost depends on sizes,
     not on contents)."""
-    replay = module.DeviceReplay(script_args.buffer_size, script_args.num_envs, script_args.frame_size,
-                                 script_args.frame_stack, script_args.n_step, script_args.gamma, device)
+    replay = module.DeviceReplay(
+        script_args.buffer_size,
+        script_args.num_envs,
+        script_args.frame_size,
+        script_args.frame_stack,
+        script_args.n_step,
+        script_args.gamma,
+        device,
+    )
     replay.frames.random_(0, 256)
     replay.episode_end.zero_()
     replay.adds = replay.capacity
@@ -49,5 +56,4 @@ def training_parts(module, script_args, device: torch.device, num_actions: int =
     replay = filled_replay(module, script_args, device)
     stats = torch.zeros(2, device=device)
     update = module.accelerated(module.make_update(net, target_net, optimizer, replay, script_args, stats), script_args)
-    return SimpleNamespace(net=net, target_net=target_net, optimizer=optimizer, replay=replay, stats=stats,
-                           update=update)
+    return SimpleNamespace(net=net, target_net=target_net, optimizer=optimizer, replay=replay, stats=stats, update=update)

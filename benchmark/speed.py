@@ -38,16 +38,33 @@ import tyro
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmark.scripts import load_script, training_parts  # noqa: E402
 
-COLUMNS = ["script", "settings", "mode", "device", "num_envs", "scale", "pooling", "params_bottleneck", "env_sps", "act_ms",
-           "sample_ms", "update_ms", "floor_sps", "loop_sps", "efficiency", "update_vs_flatten"]
+COLUMNS = [
+    "script",
+    "settings",
+    "mode",
+    "device",
+    "num_envs",
+    "scale",
+    "pooling",
+    "params_bottleneck",
+    "env_sps",
+    "act_ms",
+    "sample_ms",
+    "update_ms",
+    "floor_sps",
+    "loop_sps",
+    "efficiency",
+    "update_vs_flatten",
+]
 
 
 @dataclass
 class Args:
     scripts: List[str] = field(default_factory=lambda: ["rainbow_impala_gap"])
     """scripts of cleanrl_gap/ to measure (names without .py)"""
-    modes: List[Literal["eager", "compile", "cudagraphs", "compile+cudagraphs", "tf32", "cudagraphs+tf32",
-                        "compile+cudagraphs+tf32"]] = field(default_factory=lambda: ["eager"])
+    modes: List[
+        Literal["eager", "compile", "cudagraphs", "compile+cudagraphs", "tf32", "cudagraphs+tf32", "compile+cudagraphs+tf32"]
+    ] = field(default_factory=lambda: ["eager"])
     """how the update and action selection run: plain, torch.compile, CUDA graphs, or both; `+tf32` allows TF32
     matmuls and convolutions (the scripts' --tf32; CUDA only)"""
     scales: List[int] = field(default_factory=lambda: [1, 4])
@@ -79,8 +96,16 @@ class Args:
 
 
 def quick_settings(args: Args) -> Args:
-    return replace(args, scales=[1], poolings=["flatten", "gap"], buffer_size=2000, repeats=3, env_steps=50,
-                   loop_steps=80, learning_starts=100)
+    return replace(
+        args,
+        scales=[1],
+        poolings=["flatten", "gap"],
+        buffer_size=2000,
+        repeats=3,
+        env_steps=50,
+        loop_steps=80,
+        learning_starts=100,
+    )
 
 
 def median_ms(fn, repeats: int, device: torch.device, warmup: int = 5) -> float:
@@ -114,21 +139,30 @@ def env_steps_per_second(module, script_args, steps: int) -> float:
 
 def measure_parts(module, script_args, num_actions: int, device: torch.device, repeats: int) -> dict:
     parts = training_parts(module, script_args, device, num_actions)
-    act = module.accelerated(lambda obs, epsilon: module.select_actions(parts.net, obs, epsilon, with_noise=True),
-                             script_args)
+    act = module.accelerated(lambda obs, epsilon: module.select_actions(parts.net, obs, epsilon, with_noise=True), script_args)
     obs = parts.replay.sample(script_args.num_envs)["obs"]
     epsilon = torch.full((), 0.01, device=device)
-    return dict(params_bottleneck=parts.net.bottleneck.weight.numel(),
-                act_ms=median_ms(lambda: act(obs, epsilon).cpu(), repeats, device),
-                sample_ms=median_ms(lambda: parts.replay.sample(script_args.batch_size), repeats, device),
-                update_ms=median_ms(parts.update, repeats, device))
+    return dict(
+        params_bottleneck=parts.net.bottleneck.weight.numel(),
+        act_ms=median_ms(lambda: act(obs, epsilon).cpu(), repeats, device),
+        sample_ms=median_ms(lambda: parts.replay.sample(script_args.batch_size), repeats, device),
+        update_ms=median_ms(parts.update, repeats, device),
+    )
 
 
 def loop_steps_per_second(module, script_args, loop_steps: int, learning_starts: int) -> float:
     with tempfile.TemporaryDirectory() as output_dir, contextlib.redirect_stdout(io.StringIO()):
-        summary = module.main(replace(script_args, output_dir=output_dir, learning_starts=learning_starts,
-                                      total_timesteps=learning_starts + loop_steps, progress_seconds=1e9,
-                                      diagnostics_every=10**12, iteration_steps=10**12))
+        summary = module.main(
+            replace(
+                script_args,
+                output_dir=output_dir,
+                learning_starts=learning_starts,
+                total_timesteps=learning_starts + loop_steps,
+                progress_seconds=1e9,
+                diagnostics_every=10**12,
+                iteration_steps=10**12,
+            )
+        )
     return summary["sps"]
 
 
@@ -149,23 +183,41 @@ def measure(args: Args, on_row=lambda row: None) -> list:
                 continue
             for scale in args.scales:
                 for pooling in args.poolings if hasattr(base, "pooling") else ["-"]:
-                    script_args = replace(base, scale=scale, compile="compile" in mode, cudagraphs="cudagraphs" in mode,
-                                          tf32="tf32" in mode, **({"pooling": pooling} if hasattr(base, "pooling") else {}))
+                    script_args = replace(
+                        base,
+                        scale=scale,
+                        compile="compile" in mode,
+                        cudagraphs="cudagraphs" in mode,
+                        tf32="tf32" in mode,
+                        **({"pooling": pooling} if hasattr(base, "pooling") else {}),
+                    )
                     print(f"measuring {name} {mode} scale {scale} {pooling} ...", file=sys.stderr, flush=True)
                     parts = measure_parts(module, script_args, num_actions, device, args.repeats)
                     updates_per_step = args.num_envs / script_args.train_frequency
-                    step_seconds = (1 / env_sps * args.num_envs + parts["act_ms"] / 1000
-                                    + updates_per_step * parts["update_ms"] / 1000)
+                    step_seconds = (
+                        1 / env_sps * args.num_envs + parts["act_ms"] / 1000 + updates_per_step * parts["update_ms"] / 1000
+                    )
                     loop_sps = loop_steps_per_second(module, script_args, args.loop_steps, args.learning_starts)
                     if pooling == "flatten":
                         flatten_update_ms.setdefault((mode, scale), parts["update_ms"])
                     reference_ms = flatten_update_ms.get((mode, scale))
-                    rows.append(dict(
-                        script=name, settings=" ".join(f"{k}={v}" for k, v in settings.items()) or "-", mode=mode,
-                        device=device_name, num_envs=args.num_envs, scale=scale,
-                        pooling=pooling, **parts, env_sps=env_sps, floor_sps=args.num_envs / step_seconds,
-                        loop_sps=loop_sps, efficiency=loop_sps * step_seconds / args.num_envs,
-                        update_vs_flatten=parts["update_ms"] / reference_ms if reference_ms else None))
+                    rows.append(
+                        dict(
+                            script=name,
+                            settings=" ".join(f"{k}={v}" for k, v in settings.items()) or "-",
+                            mode=mode,
+                            device=device_name,
+                            num_envs=args.num_envs,
+                            scale=scale,
+                            pooling=pooling,
+                            **parts,
+                            env_sps=env_sps,
+                            floor_sps=args.num_envs / step_seconds,
+                            loop_sps=loop_sps,
+                            efficiency=loop_sps * step_seconds / args.num_envs,
+                            update_vs_flatten=parts["update_ms"] / reference_ms if reference_ms else None,
+                        )
+                    )
                     on_row(rows[-1])
     return rows
 
@@ -202,8 +254,14 @@ def main(args: Args):
     with open(os.path.join(args.out, "speed.csv"), "w", newline="") as f:  # row by row: a long sweep keeps its rows
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
-        rows = measure(args, on_row=lambda row: (writer.writerow(row), f.flush(),
-                                                 print(markdown_table([row]).splitlines()[-1], file=sys.stderr)))
+        rows = measure(
+            args,
+            on_row=lambda row: (
+                writer.writerow(row),
+                f.flush(),
+                print(markdown_table([row]).splitlines()[-1], file=sys.stderr),
+            ),
+        )
     table = markdown_table(rows)
     with open(os.path.join(args.out, "speed.md"), "w") as f:
         f.write(table)

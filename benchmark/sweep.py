@@ -49,23 +49,136 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmark.scripts import ROOT, script_path  # noqa: E402
 
 GAME_SETS = {
-    "paper20": ["Asterix", "SpaceInvaders", "Breakout", "Pong", "Qbert", "DemonAttack", "Seaquest", "WizardOfWor",
-                "RoadRunner", "BeamRider", "Frostbite", "CrazyClimber", "Assault", "Krull", "Boxing", "Jamesbond",
-                "Kangaroo", "UpNDown", "Gopher", "Hero"],
-    "atari60": ["AirRaid", "Alien", "Amidar", "Assault", "Asterix", "Asteroids", "Atlantis", "BankHeist", "BattleZone",
-                "BeamRider", "Berzerk", "Bowling", "Boxing", "Breakout", "Carnival", "Centipede", "ChopperCommand",
-                "CrazyClimber", "DemonAttack", "DoubleDunk", "ElevatorAction", "Enduro", "FishingDerby", "Freeway",
-                "Frostbite", "Gopher", "Gravitar", "Hero", "IceHockey", "Jamesbond", "JourneyEscape", "Kangaroo",
-                "Krull", "KungFuMaster", "MontezumaRevenge", "MsPacman", "NameThisGame", "Phoenix", "Pitfall", "Pong",
-                "Pooyan", "PrivateEye", "Qbert", "Riverraid", "RoadRunner", "Robotank", "Seaquest", "Skiing",
-                "Solaris", "SpaceInvaders", "StarGunner", "Tennis", "TimePilot", "Tutankham", "UpNDown", "Venture",
-                "VideoPinball", "WizardOfWor", "YarsRevenge", "Zaxxon"],
-    "atari100k": ["Alien", "Amidar", "Assault", "Asterix", "BankHeist", "BattleZone", "Boxing", "Breakout",
-                  "ChopperCommand", "CrazyClimber", "DemonAttack", "Freeway", "Frostbite", "Gopher", "Hero",
-                  "Jamesbond", "Kangaroo", "Krull", "KungFuMaster", "MsPacman", "Pong", "PrivateEye", "Qbert",
-                  "RoadRunner", "Seaquest", "UpNDown"],
-    "procgen": ["bigfish", "bossfight", "caveflyer", "chaser", "climber", "coinrun", "dodgeball", "fruitbot", "heist",
-                "jumper", "leaper", "maze", "miner", "ninja", "plunder", "starpilot"],
+    "paper20": [
+        "Asterix",
+        "SpaceInvaders",
+        "Breakout",
+        "Pong",
+        "Qbert",
+        "DemonAttack",
+        "Seaquest",
+        "WizardOfWor",
+        "RoadRunner",
+        "BeamRider",
+        "Frostbite",
+        "CrazyClimber",
+        "Assault",
+        "Krull",
+        "Boxing",
+        "Jamesbond",
+        "Kangaroo",
+        "UpNDown",
+        "Gopher",
+        "Hero",
+    ],
+    "atari60": [
+        "AirRaid",
+        "Alien",
+        "Amidar",
+        "Assault",
+        "Asterix",
+        "Asteroids",
+        "Atlantis",
+        "BankHeist",
+        "BattleZone",
+        "BeamRider",
+        "Berzerk",
+        "Bowling",
+        "Boxing",
+        "Breakout",
+        "Carnival",
+        "Centipede",
+        "ChopperCommand",
+        "CrazyClimber",
+        "DemonAttack",
+        "DoubleDunk",
+        "ElevatorAction",
+        "Enduro",
+        "FishingDerby",
+        "Freeway",
+        "Frostbite",
+        "Gopher",
+        "Gravitar",
+        "Hero",
+        "IceHockey",
+        "Jamesbond",
+        "JourneyEscape",
+        "Kangaroo",
+        "Krull",
+        "KungFuMaster",
+        "MontezumaRevenge",
+        "MsPacman",
+        "NameThisGame",
+        "Phoenix",
+        "Pitfall",
+        "Pong",
+        "Pooyan",
+        "PrivateEye",
+        "Qbert",
+        "Riverraid",
+        "RoadRunner",
+        "Robotank",
+        "Seaquest",
+        "Skiing",
+        "Solaris",
+        "SpaceInvaders",
+        "StarGunner",
+        "Tennis",
+        "TimePilot",
+        "Tutankham",
+        "UpNDown",
+        "Venture",
+        "VideoPinball",
+        "WizardOfWor",
+        "YarsRevenge",
+        "Zaxxon",
+    ],
+    "atari100k": [
+        "Alien",
+        "Amidar",
+        "Assault",
+        "Asterix",
+        "BankHeist",
+        "BattleZone",
+        "Boxing",
+        "Breakout",
+        "ChopperCommand",
+        "CrazyClimber",
+        "DemonAttack",
+        "Freeway",
+        "Frostbite",
+        "Gopher",
+        "Hero",
+        "Jamesbond",
+        "Kangaroo",
+        "Krull",
+        "KungFuMaster",
+        "MsPacman",
+        "Pong",
+        "PrivateEye",
+        "Qbert",
+        "RoadRunner",
+        "Seaquest",
+        "UpNDown",
+    ],
+    "procgen": [
+        "bigfish",
+        "bossfight",
+        "caveflyer",
+        "chaser",
+        "climber",
+        "coinrun",
+        "dodgeball",
+        "fruitbot",
+        "heist",
+        "jumper",
+        "leaper",
+        "maze",
+        "miner",
+        "ninja",
+        "plunder",
+        "starpilot",
+    ],
 }
 
 
@@ -167,8 +280,17 @@ def plan_run(script: str, out: str, point: GridPoint) -> Optional[Run]:
         return None
     checkpoints = glob.glob(os.path.join(folder, "*", "checkpoint.pt"))
     env_id, arg_set, seed = point
-    command = [sys.executable, script_path(script), "--env-id", env_id, "--seed", str(seed), *script_flags(arg_set),
-               "--output-dir", folder]
+    command = [
+        sys.executable,
+        script_path(script),
+        "--env-id",
+        env_id,
+        "--seed",
+        str(seed),
+        *script_flags(arg_set),
+        "--output-dir",
+        folder,
+    ]
     if checkpoints:
         command += ["--resume", os.path.dirname(checkpoints[0])]
     return Run(folder, command, bool(checkpoints), point)
@@ -226,12 +348,14 @@ def status(args: Args) -> int:
 def sbatch_script(args: Args, runs_file: str, tasks: int) -> str:
     """One array job, a task a run; each task plans its run when it starts (see the module docstring)."""
     slurm_folder = os.path.dirname(runs_file)
-    options = [f"--job-name=sweep-{os.path.basename(os.path.abspath(args.out))}",
-               f"--array=0-{tasks - 1}" + (f"%{args.max_running}" if args.max_running else ""),
-               f"--output={os.path.join(slurm_folder, '%A_%a.out')}",
-               "--open-mode=append",  # a requeued task adds to its log instead of emptying it
-               "--requeue",
-               f"--signal=B:USR1@{args.signal_seconds}"]
+    options = [
+        f"--job-name=sweep-{os.path.basename(os.path.abspath(args.out))}",
+        f"--array=0-{tasks - 1}" + (f"%{args.max_running}" if args.max_running else ""),
+        f"--output={os.path.join(slurm_folder, '%A_%a.out')}",
+        "--open-mode=append",  # a requeued task adds to its log instead of emptying it
+        "--requeue",
+        f"--signal=B:USR1@{args.signal_seconds}",
+    ]
     options += [f"--partition={args.partition}"] if args.partition else []
     options += [f"--gres=gpu:{args.gpus_per_task}"] if args.gpus_per_task else []
     options += [f"--cpus-per-task={args.cpus_per_task}"] if args.cpus_per_task else []
@@ -240,8 +364,16 @@ def sbatch_script(args: Args, runs_file: str, tasks: int) -> str:
     options += [line if line.startswith("-") else f"--{line}" for line in args.sbatch_lines]
     # exec: the batch shell becomes the task's python, so the B:USR1 warning reaches the code that forwards it
     command = shlex.join([sys.executable, os.path.abspath(__file__), "--slurm-task", runs_file])
-    return "\n".join(["#!/bin/bash", "# written by benchmark/sweep.py: a task a run, planned when the task starts",
-                      *[f"#SBATCH {option}" for option in options], f"cd {shlex.quote(ROOT)}", f"exec {command}", ""])
+    return "\n".join(
+        [
+            "#!/bin/bash",
+            "# written by benchmark/sweep.py: a task a run, planned when the task starts",
+            *[f"#SBATCH {option}" for option in options],
+            f"cd {shlex.quote(ROOT)}",
+            f"exec {command}",
+            "",
+        ]
+    )
 
 
 def submit(args: Args, runs: List[Run]) -> int:
@@ -268,8 +400,11 @@ def submit(args: Args, runs: List[Run]) -> int:
         print(f"error: sbatch {script_file} failed: {result.stderr.strip()}", file=sys.stderr)
         return 1
     job_id = result.stdout.strip().split(";")[0]  # --parsable: "JOBID" or "JOBID;CLUSTER"
-    print(f"submitted array job {job_id}: {len(runs)} tasks, script {script_file}, task logs "
-          f"{os.path.join(slurm_folder, job_id + '_TASK.out')}; --status reports the runs", flush=True)
+    print(
+        f"submitted array job {job_id}: {len(runs)} tasks, script {script_file}, task logs "
+        f"{os.path.join(slurm_folder, job_id + '_TASK.out')}; --status reports the runs",
+        flush=True,
+    )
     return 0
 
 
@@ -283,8 +418,11 @@ def slurm_task(runs_file: str) -> int:
     if run is None:
         print(f"task {task}: {run_folder(submission['out'], point)} is finished already", flush=True)
         return 0
-    print(f"task {task} (restart {os.environ.get('SLURM_RESTART_COUNT', 0)}): "
-          f"{'resuming' if run.resume else 'starting'} {shlex.join(run.command)}", flush=True)
+    print(
+        f"task {task} (restart {os.environ.get('SLURM_RESTART_COUNT', 0)}): "
+        f"{'resuming' if run.resume else 'starting'} {shlex.join(run.command)}",
+        flush=True,
+    )
     children, received = [], []
 
     def forward(signum, frame):  # Slurm signals this python (the batch shell); the run is what must checkpoint
@@ -295,15 +433,23 @@ def slurm_task(runs_file: str) -> int:
     for signum in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(signum, forward)
     code = launch(run, "", started=children.append)  # Slurm set CUDA_VISIBLE_DEVICES
-    print(f"task {task}: " + ("finished" if code == 0 else
-                              failure(run.folder, code, "resumes when requeued (or when the sweep is re-submitted)")),
-          flush=True)
+    print(
+        f"task {task}: "
+        + (
+            "finished" if code == 0 else failure(run.folder, code, "resumes when requeued (or when the sweep is re-submitted)")
+        ),
+        flush=True,
+    )
     # Only our time-limit warning (USR1) requeues: after a SIGTERM Slurm requeues a preempted task itself, and a
     # scancel'ed one must stay cancelled
     if code == PREEMPTED and signal.SIGUSR1 in received:
         requeue = subprocess.run(["scontrol", "requeue", task], capture_output=True, text=True)
-        print(f"task {task}: requeued" if requeue.returncode == 0 else
-              f"task {task}: scontrol requeue failed: {requeue.stderr.strip()}", flush=True)
+        print(
+            f"task {task}: requeued"
+            if requeue.returncode == 0
+            else f"task {task}: scontrol requeue failed: {requeue.stderr.strip()}",
+            flush=True,
+        )
     return code
 
 

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def one_torch_thread(monkeypatch):
-    """One torch thread here and in the scripts a test starts (OMP_NUM_THREADS is inherited): the networks and
-    batches in the tests are tiny, and on the test machine's few shared cores more threads contend and run several
-    times slower. A test file opts in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    """One torch thread in every test and in the scripts a test starts (OMP_NUM_THREADS is inherited): the networks
+    and batches in the tests are tiny, and on a machine's few shared cores more threads contend and run several times
+    slower (CI runs two tests at once on two cores)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

@@ -34,15 +34,25 @@ def install(root: list) -> None:
     if all(shutil.which(daemon) for daemon in DAEMONS):
         return
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    command = root + ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y", "-q",
-                      "--no-install-recommends", *PACKAGES]
+    command = root + [
+        "env",
+        "DEBIAN_FRONTEND=noninteractive",
+        "apt-get",
+        "install",
+        "-y",
+        "-q",
+        "--no-install-recommends",
+        *PACKAGES,
+    ]
     try:
         if subprocess.run(command, capture_output=True, env=env, timeout=600).returncode != 0:  # no package lists yet
             update = subprocess.run(root + ["apt-get", "update", "-q"], capture_output=True, text=True, timeout=600)
             result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
             if result.returncode != 0:
-                raise SlurmError(f"could not install {' '.join(PACKAGES)} with apt-get:\n{update.stderr[-2000:]}\n"
-                                 f"{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+                raise SlurmError(
+                    f"could not install {' '.join(PACKAGES)} with apt-get:\n{update.stderr[-2000:]}\n"
+                    f"{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+                )
     except subprocess.TimeoutExpired as error:
         raise SlurmError(f"apt-get took more than {error.timeout} s: {' '.join(error.cmd)}")
 
@@ -76,9 +86,20 @@ class SlurmCluster:
         os.chmod(key.name, 0o600)
         if self.root:  # munged runs as root and wants its key its own
             subprocess.run(self.root + ["chown", "-R", "root:root", key_folder], check=True)
-        self.daemon("munged", "--socket", munge_socket, "--key-file", key.name, "--pid-file", self.path("munged.pid"),
-                    "--log-file", self.path("munged.log"), "--seed-file", os.path.join(key_folder, "munged.seed"),
-                    pid_file=self.path("munged.pid"))
+        self.daemon(
+            "munged",
+            "--socket",
+            munge_socket,
+            "--key-file",
+            key.name,
+            "--pid-file",
+            self.path("munged.pid"),
+            "--log-file",
+            self.path("munged.log"),
+            "--seed-file",
+            os.path.join(key_folder, "munged.seed"),
+            pid_file=self.path("munged.pid"),
+        )
         for folder in ("state", "spool"):
             os.makedirs(self.path(folder))
         with open(self.conf, "w") as conf:
@@ -127,16 +148,14 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 
     def daemon(self, name: str, *flags: str, pid_file: str) -> None:
         """Start one (it forks into the background) and wait for its pid file."""
-        result = subprocess.run(self.root + ["env", f"SLURM_CONF={self.conf}", name, *flags], capture_output=True,
-                                text=True)
+        result = subprocess.run(self.root + ["env", f"SLURM_CONF={self.conf}", name, *flags], capture_output=True, text=True)
         deadline = time.time() + 20
         while result.returncode == 0 and not os.path.exists(pid_file) and time.time() < deadline:
             time.sleep(0.2)
         if os.path.exists(pid_file):
             self.pid_files.append(pid_file)
             return
-        raise SlurmError(f"{name} did not start (exit code {result.returncode}): {result.stderr.strip()}"
-                         f"{self.logs()}")
+        raise SlurmError(f"{name} did not start (exit code {result.returncode}): {result.stderr.strip()}{self.logs()}")
 
     def logs(self) -> str:
         text = ""

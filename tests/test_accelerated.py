@@ -7,7 +7,7 @@ import torch
 import torch._inductor.config
 
 from benchmark.scripts import ALL_SCRIPTS, load_script, training_parts
-from tests.test_end_to_end import scalars
+from tests.helpers import scalars
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -22,15 +22,21 @@ def updated_state(module, args, device: torch.device, updates: int = 4) -> dict:
     for _ in range(updates):
         parts.update()
     moments = [parts.optimizer.state[p]["exp_avg_sq"] for p in parts.net.parameters()]
-    return dict(params=[p.detach().clone() for p in parts.net.parameters()], moments=moments,
-                priorities=parts.replay.priorities.clone(), max_priority=parts.replay.max_priority.clone(),
-                stats=parts.stats.clone())
+    return dict(
+        params=[p.detach().clone() for p in parts.net.parameters()],
+        moments=moments,
+        priorities=parts.replay.priorities.clone(),
+        max_priority=parts.replay.max_priority.clone(),
+        stats=parts.stats.clone(),
+    )
 
 
 def assert_same_state(actual: dict, expected: dict):
     for key in expected:
-        for a, e in zip(actual[key] if isinstance(actual[key], list) else [actual[key]],
-                        expected[key] if isinstance(expected[key], list) else [expected[key]]):
+        for a, e in zip(
+            actual[key] if isinstance(actual[key], list) else [actual[key]],
+            expected[key] if isinstance(expected[key], list) else [expected[key]],
+        ):
             # Adam divides by sqrt(v), so rounding in near-zero gradients moves a few weights by up to ~lr/4 (noisy
             # layers add such gradients); a different batch or a missed step moves them by ~lr (1e-3)
             torch.testing.assert_close(a, e, rtol=1e-3, atol=4e-4, msg=lambda m: f"{key}: {m}")
@@ -67,9 +73,19 @@ def test_cuda_graph_update_matches_eager(name, compile):
 @pytest.mark.parametrize("name", ALL_SCRIPTS)
 def test_cuda_graph_run_end_to_end(name, tmp_path):
     module = load_script(name)
-    args = module.Args(env_backend="gymnasium", env_id="tests.catch_env:Catch-v0", frame_size=24, total_timesteps=400,
-                       learning_starts=100, buffer_size=1000, train_frequency=4, log_every=50, progress_seconds=1e9,
-                       cudagraphs=True, output_dir=str(tmp_path))
+    args = module.Args(
+        env_backend="gymnasium",
+        env_id="toy_envs.catch:Catch-v0",
+        frame_size=24,
+        total_timesteps=400,
+        learning_starts=100,
+        buffer_size=1000,
+        train_frequency=4,
+        log_every=50,
+        progress_seconds=1e9,
+        cudagraphs=True,
+        output_dir=str(tmp_path),
+    )
     summary = module.main(args)
     assert summary["updates"] == (400 - 100) // 4 and summary["device"] == "cuda"
     losses = scalars(summary["run_dir"], "losses/td_loss")

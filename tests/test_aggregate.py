@@ -13,8 +13,24 @@ import pytest
 from benchmark import aggregate, metrics
 from benchmark.scripts import ROOT, load_script
 
-PROCGEN = ["bigfish", "bossfight", "caveflyer", "chaser", "climber", "coinrun", "dodgeball", "fruitbot", "heist",
-           "jumper", "leaper", "maze", "miner", "ninja", "plunder", "starpilot"]
+PROCGEN = [
+    "bigfish",
+    "bossfight",
+    "caveflyer",
+    "chaser",
+    "climber",
+    "coinrun",
+    "dodgeball",
+    "fruitbot",
+    "heist",
+    "jumper",
+    "leaper",
+    "maze",
+    "miner",
+    "ninja",
+    "plunder",
+    "starpilot",
+]
 
 
 def test_metrics_match_their_definitions():
@@ -42,9 +58,12 @@ def test_bootstrap_is_stratified_reproducible_and_brackets_the_estimate():
     for sample in seen:  # every resampled column holds runs of its own game only, as many as it had
         assert sample.shape == scores.shape
         assert all(set(sample[:, g]) <= set(scores[:, g]) for g in range(4))
+
     # stratified: each game draws its own runs, so a row of a sample mixes runs (resampling whole runs would keep each
     # row one run). The scores are distinct, so each value names its run.
-    run_of = lambda game, value: int(np.flatnonzero(scores[:, game] == value)[0])
+    def run_of(game, value):
+        return int(np.flatnonzero(scores[:, game] == value)[0])
+
     rows_of_one_run = 0
     for sample in seen:
         for row in sample:
@@ -69,12 +88,13 @@ def test_game_names_and_normalisation():
     assert metrics.normalised_score("Pong-v5", human_score, table) == pytest.approx(1.0)
     assert metrics.normalised_score("ALE/Pong-v5", random_score, table) == pytest.approx(0.0)
     with pytest.raises(SystemExit):
-        metrics.normalised_score("tests.catch_env:Catch-v0", 1.0, table)
+        metrics.normalised_score("toy_envs.catch:Catch-v0", 1.0, table)
     hard = metrics.reference_table("hard")
     assert hard["starpilot"] == (1.5, 35.0) and table["starpilot"] == (2.5, 64.0)  # Cobbe et al. (2020), Table 1
     assert hard["coinrun"] == table["coinrun"] == (5.0, 10.0)
     assert {game: hard[game] for game in hard if game not in PROCGEN} == {
-        game: table[game] for game in table if game not in PROCGEN}  # Atari's scores do not depend on the mode
+        game: table[game] for game in table if game not in PROCGEN
+    }  # Atari's scores do not depend on the mode
 
 
 def test_procgen_ranges_match_the_procgen_script():
@@ -89,8 +109,13 @@ def test_procgen_ranges_match_the_procgen_script():
 
 def write_run(folder, script, env_id, seed, score, **args):
     folder.mkdir(parents=True)
-    summary = dict(script=script, env_id=env_id, seed=seed, final_return=score,
-                   args=dict(seed=seed, env_id=env_id, output_dir="runs", **args))
+    summary = dict(
+        script=script,
+        env_id=env_id,
+        seed=seed,
+        final_return=score,
+        args=dict(seed=seed, env_id=env_id, output_dir="runs", **args),
+    )
     (folder / "summary.json").write_text(json.dumps(summary))
 
 
@@ -103,15 +128,34 @@ def test_run_folders_to_aggregate_csv(tmp_path):
             random_score, human_score = table[game.lower()]
             for seed in range(3):
                 fraction = level + 0.1 * seed
-                write_run(tmp_path / "runs" / f"{game}_{pooling}_{seed}", "rainbow_impala_gap.py", f"{game}-v5", seed,
-                          random_score + fraction * (human_score - random_score), pooling=pooling, scale=4)
+                write_run(
+                    tmp_path / "runs" / f"{game}_{pooling}_{seed}",
+                    "rainbow_impala_gap.py",
+                    f"{game}-v5",
+                    seed,
+                    random_score + fraction * (human_score - random_score),
+                    pooling=pooling,
+                    scale=4,
+                )
                 normalised.append(fraction)
         label = "rainbow_impala_gap scale=4" if pooling == "gap" else "rainbow_impala_gap pooling=flatten scale=4"
         expected[label] = np.mean(normalised)  # gap is the script's default, so its label leaves it out
     (tmp_path / "runs" / "unfinished").mkdir()  # no summary.json: reported and skipped
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "benchmark/aggregate.py", *sorted(map(str, (tmp_path / "runs").iterdir())),
-                             "--out", str(out), "--reps", "200"], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "benchmark/aggregate.py",
+            *sorted(map(str, (tmp_path / "runs").iterdir())),
+            "--out",
+            str(out),
+            "--reps",
+            "200",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     assert "skipping" in result.stderr and "unfinished" in result.stderr
     rows = list(csv.DictReader(open(out / "aggregate.csv")))
@@ -121,8 +165,14 @@ def test_run_folders_to_aggregate_csv(tmp_path):
         assert float(row["ci_low"]) <= float(row["value"]) + 1e-12 <= float(row["ci_high"]) + 2e-12
         if row["metric"] == "mean":
             assert float(row["value"]) == pytest.approx(expected[row["method"]])
-    grouped = aggregate.main(aggregate.Args(run_dirs=[str(p) for p in (tmp_path / "runs").iterdir()],
-                                            out=str(tmp_path / "grouped"), group_by=["pooling"], reps=50))
+    grouped = aggregate.main(
+        aggregate.Args(
+            run_dirs=[str(p) for p in (tmp_path / "runs").iterdir()],
+            out=str(tmp_path / "grouped"),
+            group_by=["pooling"],
+            reps=50,
+        )
+    )
     assert {r["method"] for r in grouped} == {"rainbow_impala_gap pooling=gap", "rainbow_impala_gap pooling=flatten"}
 
 
@@ -133,16 +183,21 @@ def test_a_sweep_folder_is_searched_for_its_runs(tmp_path, capsys):
     random_score, human_score = table["pong"]
     for seed in range(2):
         point = tmp_path / "sweep" / f"Pong-v5__pooling=gap__seed{seed}"
-        write_run(point / f"Pong-v5__rainbow_impala_gap__{seed}__1700000000", "rainbow_impala_gap.py", "Pong-v5",
-                  seed, random_score + 0.25 * (seed + 1) * (human_score - random_score))
+        write_run(
+            point / f"Pong-v5__rainbow_impala_gap__{seed}__1700000000",
+            "rainbow_impala_gap.py",
+            "Pong-v5",
+            seed,
+            random_score + 0.25 * (seed + 1) * (human_score - random_score),
+        )
         (point / "log.txt").write_text("")
     interrupted = tmp_path / "sweep" / "Pong-v5__pooling=gap__seed9" / "Pong-v5__rainbow_impala_gap__9__1700000000"
     interrupted.mkdir(parents=True)
     (interrupted / "checkpoint.pt").write_bytes(b"")
     assert metrics.find_run_dirs([str(tmp_path / "sweep")]) == sorted(
-        str(p) for p in (tmp_path / "sweep").glob("*/Pong-v5__*"))
-    rows = aggregate.main(aggregate.Args(run_dirs=[str(tmp_path / "sweep")], out=str(tmp_path / "out"), reps=20,
-                                         plots=False))
+        str(p) for p in (tmp_path / "sweep").glob("*/Pong-v5__*")
+    )
+    rows = aggregate.main(aggregate.Args(run_dirs=[str(tmp_path / "sweep")], out=str(tmp_path / "out"), reps=20, plots=False))
     mean = [r for r in rows if r["metric"] == "mean"]
     assert len(mean) == 1 and mean[0]["value"] == pytest.approx((0.25 + 0.5) / 2) and mean[0]["runs"] == 2
     assert "skipping" in capsys.readouterr().err
@@ -167,11 +222,19 @@ def test_matches_rliable_on_the_same_data():
 def test_scripts_that_evaluate_every_iteration_are_scored_on_their_final_evaluation(tmp_path):
     """DER (Atari 100k) and Procgen report evaluations; the ALE runs their last iteration's training return."""
     evaluations = [dict(step=10, mean_return=-20.7, episodes=100), dict(step=20, mean_return=-3.05, episodes=100)]
-    summaries = {"der": dict(script="der_atari100k_gap.py", env_id="Pong", final_return=14.6, eval_return=-3.05,
-                             eval_by_iteration=evaluations),
-                 "procgen": dict(script="rainbow_procgen_gap.py", env_id="bigfish", final_return=40.0, eval_return=20.5,
-                                 eval_by_iteration=evaluations[:1]),
-                 "ale": dict(script="rainbow_impala_gap.py", env_id="Pong-v5", final_return=-3.05, eval_return=14.6)}
+    summaries = {
+        "der": dict(
+            script="der_atari100k_gap.py", env_id="Pong", final_return=14.6, eval_return=-3.05, eval_by_iteration=evaluations
+        ),
+        "procgen": dict(
+            script="rainbow_procgen_gap.py",
+            env_id="bigfish",
+            final_return=40.0,
+            eval_return=20.5,
+            eval_by_iteration=evaluations[:1],
+        ),
+        "ale": dict(script="rainbow_impala_gap.py", env_id="Pong-v5", final_return=-3.05, eval_return=14.6),
+    }
     for name, summary in summaries.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "summary.json").write_text(json.dumps(dict(summary, seed=1, args=dict(seed=1))))
@@ -185,9 +248,17 @@ def test_procgen_runs_are_normalised_with_the_ranges_of_their_distribution_mode(
     args; a mode without ranges stops with one clear line."""
     evaluations = [dict(step=100, mean_return=1.5, episodes=4), dict(step=200, mean_return=18.25, episodes=4)]
     for mode in ["hard", "easy"]:
-        summary = dict(script="rainbow_procgen_gap.py", env_id="starpilot", seed=1, env_steps=200, frames=200,
-                       final_return=40.0, eval_return=18.25, eval_by_iteration=evaluations,
-                       args=dict(seed=1, env_id="starpilot", distribution_mode=mode))
+        summary = dict(
+            script="rainbow_procgen_gap.py",
+            env_id="starpilot",
+            seed=1,
+            env_steps=200,
+            frames=200,
+            final_return=40.0,
+            eval_return=18.25,
+            eval_by_iteration=evaluations,
+            args=dict(seed=1, env_id="starpilot", distribution_mode=mode),
+        )
         (tmp_path / mode).mkdir()
         (tmp_path / mode / "summary.json").write_text(json.dumps(summary))
     runs = {os.path.basename(run.folder): run for run in metrics.load_runs(sorted(map(str, tmp_path.iterdir())), [])}
@@ -210,16 +281,34 @@ def test_procgen_runs_are_normalised_with_the_ranges_of_their_distribution_mode(
 def test_iteration_scores_each_run_at_that_iteration(tmp_path, capsys):
     """--iteration K: iteration K's return (or evaluation) is the score and the curve stops there; a run that has no
     return at K is reported and skipped."""
+
     def points(returns):
         return [dict(step=10 * (k + 1), mean_return=r, episodes=0 if r is None else 3) for k, r in enumerate(returns)]
-    summaries = {"ale": dict(script="rainbow_impala_gap.py", env_id="Pong-v5", returns_by_iteration=points(
-                     [-20.7, -3.05, 14.6]), final_return=14.6),
-                 "der": dict(script="der_atari100k_gap.py", env_id="Pong", eval_by_iteration=points([-3.05, 14.6]),
-                             eval_return=14.6, final_return=-20.7),
-                 "short": dict(script="rainbow_impala_gap.py", env_id="Pong-v5", returns_by_iteration=points([14.6]),
-                               final_return=14.6),
-                 "no_episode": dict(script="rainbow_impala_gap.py", env_id="Pong-v5",
-                                    returns_by_iteration=points([-20.7, None, 14.6]), final_return=14.6)}
+
+    summaries = {
+        "ale": dict(
+            script="rainbow_impala_gap.py",
+            env_id="Pong-v5",
+            returns_by_iteration=points([-20.7, -3.05, 14.6]),
+            final_return=14.6,
+        ),
+        "der": dict(
+            script="der_atari100k_gap.py",
+            env_id="Pong",
+            eval_by_iteration=points([-3.05, 14.6]),
+            eval_return=14.6,
+            final_return=-20.7,
+        ),
+        "short": dict(
+            script="rainbow_impala_gap.py", env_id="Pong-v5", returns_by_iteration=points([14.6]), final_return=14.6
+        ),
+        "no_episode": dict(
+            script="rainbow_impala_gap.py",
+            env_id="Pong-v5",
+            returns_by_iteration=points([-20.7, None, 14.6]),
+            final_return=14.6,
+        ),
+    }
     for name, summary in summaries.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "summary.json").write_text(json.dumps(dict(summary, seed=1, args=dict(seed=1))))
@@ -236,3 +325,37 @@ def test_iteration_scores_each_run_at_that_iteration(tmp_path, capsys):
     assert final == pytest.approx(dict(ale=1.0, der=1.0, short=1.0, no_episode=1.0))
     with pytest.raises(SystemExit, match="--iteration counts from 1"):
         aggregate.main(aggregate.Args(run_dirs=folders, out=str(tmp_path / "out"), iteration=0))
+
+
+def test_per_game_table_puts_the_reference_scores_beside_ours(tmp_path):
+    """aggregate.md's per-game table: mean raw and normalised score over a game's runs, the table's random and human
+    scores, the published score and our random play, each for that game; per_game.csv holds the same numbers."""
+    # Breakout: random 1.7, human 30.5 (atari_human_random.csv); Pong: random -20.7, human 14.6
+    for seed, score in [(1, 16.1), (2, 30.5)]:
+        write_run(tmp_path / "runs" / f"breakout_{seed}", "der_atari100k_gap.py", "Breakout", seed, score)
+        write_run(tmp_path / "runs" / f"pong_{seed}", "der_atari100k_gap.py", "Pong", seed, -3.05)  # as many runs a game
+    published = tmp_path / "published.csv"
+    published.write_text("game,der_score,hns\nBreakout,1.9,0.0069\n")  # no Pong: a dash
+    random_play = tmp_path / "random_play.json"
+    random_play.write_text(json.dumps({"Pong": {"mean_return": -20.2, "episodes": 30}}))  # no Breakout: a dash
+    out = tmp_path / "out"
+    aggregate.main(
+        aggregate.Args(
+            run_dirs=[str(tmp_path / "runs")],
+            out=str(out),
+            reps=10,
+            plots=False,
+            published=str(published),
+            random_play=str(random_play),
+        )
+    )
+    lines = (out / "aggregate.md").read_text().splitlines()
+    start = lines.index("| method | game | runs | score | normalised | random | human | der_score | random play (ours) |")
+    assert lines[start + 2 :] == [
+        "| der_atari100k_gap | breakout | 2 | 23.3 | 0.750 | 1.7 | 30.5 | 1.9 | - |",  # (16.1 + 30.5) / 2; (0.5 + 1) / 2
+        "| der_atari100k_gap | pong | 2 | -3.0 | 0.500 | -20.7 | 14.6 | - | -20.2 |",
+    ]
+    rows = list(csv.DictReader(open(out / "per_game.csv")))
+    assert [(r["game"], r["runs"]) for r in rows] == [("breakout", "2"), ("pong", "2")]
+    assert [float(r["score"]) for r in rows] == pytest.approx([23.3, -3.05])
+    assert [float(r["normalised"]) for r in rows] == pytest.approx([0.75, 0.5])

@@ -7,25 +7,9 @@ import pytest
 import torch
 
 from benchmark.scripts import load_script
+from tests.helpers import brute_force_projection
 
 gap = load_script("rainbow_impala_gap")
-
-
-def brute_force_projection(target_support, probs, support):
-    """Bellemare et al. (2017), Algorithm 1: split each atom's mass between its two neighbours."""
-    v_min, v_max, n = support[0], support[-1], len(support)
-    delta = (v_max - v_min) / (n - 1)
-    out = np.zeros(n)
-    for z, p in zip(target_support, probs):
-        z = min(max(z, v_min), v_max)
-        b = (z - v_min) / delta
-        lower, upper = math.floor(b), math.ceil(b)
-        if lower == upper:
-            out[lower] += p
-        else:
-            out[lower] += p * (upper - b)
-            out[upper] += p * (b - lower)
-    return out
 
 
 def test_projection_matches_brute_force():
@@ -49,7 +33,9 @@ def test_importance_weights_formula():
     torch.testing.assert_close(weights, torch.tensor(expected), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("step,expected", [(0, 1.0), (19_999, 1.0), (20_000, 1.0), (20_000 + 125_000, 1 - 0.99 / 2),
-                                           (20_000 + 250_000, 0.01), (10**7, 0.01)])
+@pytest.mark.parametrize(
+    "step,expected",
+    [(0, 1.0), (19_999, 1.0), (20_000, 1.0), (20_000 + 125_000, 1 - 0.99 / 2), (20_000 + 250_000, 0.01), (10**7, 0.01)],
+)
 def test_epsilon_schedule(step, expected):
     assert gap.linear_schedule(step, 20_000, 250_000, 0.01) == pytest.approx(expected)

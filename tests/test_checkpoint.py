@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from benchmark.scripts import ROOT, ALL_SCRIPTS, load_script, script_path, training_parts
-from tests.test_end_to_end import CATCH, run_script
+from tests.helpers import CATCH, run_script
 
 RUN = [*CATCH, "--learning-starts", "100", "--log-every", "50", "--iteration-steps", "200", "--progress-seconds",
        "1e9", "--no-cuda", "--train-frequency", "4", "--eval-episodes", "2"]

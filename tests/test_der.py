@@ -13,19 +13,22 @@ import pytest
 import torch
 
 from benchmark.scripts import ROOT, load_script
-from tests.test_c51 import brute_force_projection
+from tests.helpers import brute_force_projection
 
 der = load_script("der_atari100k_gap")
 TINY = dict(frame_size=24, cuda=False, progress_seconds=1e9)
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
-
-
 def test_defaults_are_dopamine_der():
     args = der.Args()
     assert (args.n_step, args.learning_rate, args.adam_eps, args.batch_size, args.train_frequency) == (10, 1e-4, 1.5e-4, 32, 1)
-    assert (args.target_network_frequency, args.learning_starts, args.gamma, args.num_atoms, args.v_max) == (2000, 1600, 0.99, 51, 10.0)
+    assert (args.target_network_frequency, args.learning_starts, args.gamma, args.num_atoms, args.v_max) == (
+        2000,
+        1600,
+        0.99,
+        51,
+        10.0,
+    )
     assert args.noisy and args.dueling and args.double_dqn and args.terminal_on_life_loss
     assert (args.total_timesteps, args.iteration_steps, args.eval_episodes, args.eval_epsilon) == (100_000, 10_000, 100, 0.001)
     assert (args.sticky_action_prob, args.noop_max, args.max_episode_frames // args.frame_skip) == (0.0, 30, 27_000)
@@ -52,7 +55,9 @@ def test_noisy_layer_uses_factorised_noise_with_dopamine_initialisation():
     assert torch.all(layer.weight_sigma == 0.1 / np.sqrt(fan_in)) and torch.all(layer.bias_sigma == 0.1 / np.sqrt(fan_in))
     assert layer.weight.abs().max() <= fan_in**-0.5 and layer.bias.abs().max() <= fan_in**-0.5
     x = torch.randn(rows, fan_in)
-    f = lambda e: torch.sign(e) * torch.sqrt(torch.abs(e))
+
+    def f(e):
+        return torch.sign(e) * torch.sqrt(torch.abs(e))
 
     torch.manual_seed(1)
     noisy_output = layer(x, {layer.name: layer.sample_noise(rows)})
@@ -87,17 +92,25 @@ def test_dueling_heads_combine_value_and_mean_centred_advantages(noisy):
         hidden = net.psi(net.bottleneck_features(x), noise)
         advantages = net.head(hidden, noise).view(6, 4, 51)
         value = net.value_head(hidden, noise)
-        expected = torch.stack([torch.stack([value[i] + advantages[i, a] - sum(advantages[i, b] for b in range(4)) / 4
-                                             for a in range(4)]) for i in range(6)])
+        expected = torch.stack(
+            [
+                torch.stack([value[i] + advantages[i, a] - sum(advantages[i, b] for b in range(4)) / 4 for a in range(4)])
+                for i in range(6)
+            ]
+        )
         torch.testing.assert_close(net(x, noise), expected)
 
 
 def test_double_dqn_target_picks_the_online_argmax_and_evaluates_it_with_the_target_network():
     net, target_net = tiny_net(0), tiny_net(2)  # two networks whose greedy actions differ
     torch.manual_seed(2)
-    batch = dict(obs=torch.randint(0, 256, (16, 4, 24, 24), dtype=torch.uint8), actions=torch.randint(0, 4, (16,)),
-                 returns=torch.randn(16), discounts=torch.full((16,), 0.99**10),
-                 next_obs=torch.randint(0, 256, (16, 4, 24, 24), dtype=torch.uint8))
+    batch = dict(
+        obs=torch.randint(0, 256, (16, 4, 24, 24), dtype=torch.uint8),
+        actions=torch.randint(0, 4, (16,)),
+        returns=torch.randn(16),
+        discounts=torch.full((16,), 0.99**10),
+        next_obs=torch.randint(0, 256, (16, 4, 24, 24), dtype=torch.uint8),
+    )
     torch.manual_seed(3)
     with torch.no_grad():
         losses, _ = der.c51_losses(net, target_net, batch, double_dqn=True)
@@ -112,8 +125,9 @@ def test_double_dqn_target_picks_the_online_argmax_and_evaluates_it_with_the_tar
     assert (online_choice != (target_next * net.support).sum(-1).argmax(1)).any()  # the two rules differ here
     for i in range(16):
         a = int(online_choice[i])
-        target = brute_force_projection(float(batch["returns"][i]) + float(batch["discounts"][i]) * support,
-                                         target_next[i, a].double().numpy(), support)
+        target = brute_force_projection(
+            float(batch["returns"][i]) + float(batch["discounts"][i]) * support, target_next[i, a].double().numpy(), support
+        )
         expected = -(torch.tensor(target) * logits[i, batch["actions"][i]].double().log_softmax(-1)).sum()
         assert abs(float(losses[i]) - float(expected)) < 1e-4
 
@@ -163,10 +177,20 @@ def test_envpool_noop_starts_are_0_to_29_agent_steps():
 
 
 def run_catch_lives(tmp_path, terminal_on_life_loss):
-    args = der.Args(env_backend="gymnasium", env_id="tests.catch_env:CatchLives-v0", total_timesteps=400,
-                    learning_starts=300, train_frequency=4, buffer_size=1000, iteration_steps=200, eval_episodes=0,
-                    checkpoint_every=400, output_dir=str(tmp_path / str(terminal_on_life_loss)),
-                    terminal_on_life_loss=terminal_on_life_loss, **TINY)
+    args = der.Args(
+        env_backend="gymnasium",
+        env_id="toy_envs.catch:CatchLives-v0",
+        total_timesteps=400,
+        learning_starts=300,
+        train_frequency=4,
+        buffer_size=1000,
+        iteration_steps=200,
+        eval_episodes=0,
+        checkpoint_every=400,
+        output_dir=str(tmp_path / str(terminal_on_life_loss)),
+        terminal_on_life_loss=terminal_on_life_loss,
+        **TINY,
+    )
     summary = der.main(args)
     replay = torch.load(os.path.join(summary["run_dir"], "checkpoint.pt"), weights_only=False)["replay"]
     return summary, replay
@@ -185,7 +209,7 @@ def test_a_lost_life_is_terminal_for_learning_but_the_game_goes_on(tmp_path):
 
 
 def test_evaluation_plays_one_whole_game_in_each_of_n_parallel_envs():
-    args = der.Args(env_backend="gymnasium", env_id="tests.catch_env:CatchLives-v0", eval_episodes=12, **TINY)
+    args = der.Args(env_backend="gymnasium", env_id="toy_envs.catch:CatchLives-v0", eval_episodes=12, **TINY)
     returns = der.evaluate(tiny_net(0), args, torch.device("cpu"), seed=0)
     assert len(returns) == 12
     assert all(r >= -3 for r in returns)  # a game ends at its third miss
@@ -210,13 +234,13 @@ class StillPaddle(torch.nn.Module):
 def reference_game(seed, terminal_on_life_loss):
     """One CatchLives game with the paddle still, played directly: the frame stack before each step (zeros where it
     has no frame yet; restarted by a lost life with terminal_on_life_loss, as Dopamine's reset_one) and the return."""
-    env = gym.make("tests.catch_env:CatchLives-v0")
+    env = gym.make("toy_envs.catch:CatchLives-v0")
     obs, info = env.reset(seed=seed)
     history, stacks, game_return, lives = [der.to_gray_frame(obs, 24)], [], 0.0, info["lives"]
     while True:
         stack = np.zeros((4, 24, 24), dtype=np.uint8)
         recent = history[-4:]
-        stack[4 - len(recent):] = np.stack(recent)
+        stack[4 - len(recent) :] = np.stack(recent)
         stacks.append(stack)
         obs, reward, terminated, truncated, info = env.step(1)
         game_return += reward
@@ -230,8 +254,14 @@ def reference_game(seed, terminal_on_life_loss):
 
 @pytest.mark.parametrize("terminal_on_life_loss", [True, False])
 def test_evaluation_restarts_the_stack_after_a_lost_life_while_the_game_goes_on(terminal_on_life_loss):
-    args = der.Args(env_backend="gymnasium", env_id="tests.catch_env:CatchLives-v0", eval_episodes=3, eval_epsilon=0.0,
-                    terminal_on_life_loss=terminal_on_life_loss, **TINY)
+    args = der.Args(
+        env_backend="gymnasium",
+        env_id="toy_envs.catch:CatchLives-v0",
+        eval_episodes=3,
+        eval_epsilon=0.0,
+        terminal_on_life_loss=terminal_on_life_loss,
+        **TINY,
+    )
     net = StillPaddle()
     returns = der.evaluate(net, args, torch.device("cpu"), seed=7)
     for i in range(3):  # env i is reset with seed 7 + i
@@ -252,13 +282,22 @@ def test_human_normalised_score_and_the_26_games():
         assert der.human_normalized_score(game, random_score) == 0.0
         assert der.human_normalized_score(f"{game}-v5", human_score) == pytest.approx(1.0)
     assert der.human_normalized_score("ALE/Pong-v5", -3.05) == pytest.approx(0.5)
-    assert der.human_normalized_score("tests.catch_env:Catch-v0", 1.0) is None
+    assert der.human_normalized_score("toy_envs.catch:Catch-v0", 1.0) is None
     assert der.human_normalized_score("Pong", None) is None
 
 
 def test_short_run_reports_an_evaluation_after_every_iteration(tmp_path):
-    args = der.Args(env_id="Pong", total_timesteps=120, learning_starts=60, buffer_size=1000, iteration_steps=50,
-                    eval_episodes=2, max_episode_frames=400, output_dir=str(tmp_path), **TINY)  # 100-step episodes
+    args = der.Args(
+        env_id="Pong",
+        total_timesteps=120,
+        learning_starts=60,
+        buffer_size=1000,
+        iteration_steps=50,
+        eval_episodes=2,
+        max_episode_frames=400,
+        output_dir=str(tmp_path),
+        **TINY,
+    )  # 100-step episodes
     summary = der.main(args)
     assert [it["step"] for it in summary["eval_by_iteration"]] == [50, 100, 120]
     assert all(it["episodes"] == 2 for it in summary["eval_by_iteration"])

@@ -3,42 +3,38 @@
 import glob
 import json
 import os
-import subprocess
-import sys
 
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from benchmark.scripts import ROOT, SCRIPTS, load_script, script_path
-
-SHORT_RUN = ["--total-timesteps", "240", "--learning-starts", "120", "--buffer-size", "1000", "--iteration-steps",
-             "100", "--log-every", "40", "--diagnostics-every", "100", "--progress-seconds", "0", "--no-cuda",
-             "--train-frequency", "4"]  # the flagship's replay ratio in every script (DER's default is 1)
-CATCH = ["--env-backend", "gymnasium", "--env-id", "tests.catch_env:Catch-v0", "--frame-size", "24"]
-
-
-def run_script(name, args, tmp_path):
-    return subprocess.run([sys.executable, script_path(name), "--output-dir", str(tmp_path), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-
-
-def scalars(run_dir, tag):
-    events = EventAccumulator(run_dir)
-    events.Reload()
-    return [event.value for event in events.Scalars(tag)]
+from benchmark.scripts import SCRIPTS, load_script
+from tests.helpers import CATCH, SHORT_RUN, run_script, scalars
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
 @pytest.mark.parametrize("backend,env_id", [("envpool", "Pong-v5"), ("gymnasium", "ALE/Pong-v5")])
 def test_short_pong_run_writes_summary_and_events(name, backend, env_id, tmp_path):
-    result = run_script(name, ["--env-backend", backend, "--env-id", env_id, "--eval-episodes", "0", "--save-model",
-                               *SHORT_RUN], tmp_path)
+    result = run_script(
+        name, ["--env-backend", backend, "--env-id", env_id, "--eval-episodes", "0", "--save-model", *SHORT_RUN], tmp_path
+    )
     assert result.returncode == 0, result.stderr
     assert "replay: 1,000 transitions" in result.stdout and "SPS" in result.stdout
     (run_dir,) = glob.glob(str(tmp_path / "*"))
     summary = json.load(open(os.path.join(run_dir, "summary.json")))
-    for key in ["script", "args", "env_id", "seed", "env_steps", "frames", "updates", "wall_seconds", "device",
-                "params_total", "params_bottleneck", "returns_by_iteration", "final_return"]:
+    for key in [
+        "script",
+        "args",
+        "env_id",
+        "seed",
+        "env_steps",
+        "frames",
+        "updates",
+        "wall_seconds",
+        "device",
+        "params_total",
+        "params_bottleneck",
+        "returns_by_iteration",
+        "final_return",
+    ]:
         assert key in summary
     assert summary["script"] == f"{name}.py"
     assert summary["env_steps"] == 240 and summary["frames"] == 960
@@ -53,9 +49,15 @@ def test_short_pong_run_writes_summary_and_events(name, backend, env_id, tmp_pat
     assert summary["params_psi"] == summary["params_bottleneck"] + psi
     assert [it["step"] for it in summary["returns_by_iteration"]] == [100, 200, 240]
     assert os.path.exists(os.path.join(run_dir, "model.pt"))
-    for tag in ["losses/td_loss", "losses/q_values", "charts/SPS", "charts/epsilon",
-                "diagnostics/dormant_fraction_phi", "diagnostics/dormant_fraction_psi",
-                "diagnostics/bottleneck_feature_norm"]:
+    for tag in [
+        "losses/td_loss",
+        "losses/q_values",
+        "charts/SPS",
+        "charts/epsilon",
+        "diagnostics/dormant_fraction_phi",
+        "diagnostics/dormant_fraction_psi",
+        "diagnostics/bottleneck_feature_norm",
+    ]:
         assert scalars(run_dir, tag), tag
 
 
@@ -75,9 +77,19 @@ def test_same_seed_gives_identical_losses(name, tmp_path):
     module = load_script(name)
     losses = []
     for attempt in range(2):
-        args = module.Args(env_backend="gymnasium", env_id="tests.catch_env:Catch-v0", frame_size=24,
-                           total_timesteps=200, learning_starts=60, buffer_size=500, train_frequency=1,
-                           log_every=10, progress_seconds=1e9, cuda=False, output_dir=str(tmp_path / str(attempt)))
+        args = module.Args(
+            env_backend="gymnasium",
+            env_id="toy_envs.catch:Catch-v0",
+            frame_size=24,
+            total_timesteps=200,
+            learning_starts=60,
+            buffer_size=500,
+            train_frequency=1,
+            log_every=10,
+            progress_seconds=1e9,
+            cuda=False,
+            output_dir=str(tmp_path / str(attempt)),
+        )
         summary = module.main(args)
         losses.append(scalars(summary["run_dir"], "losses/td_loss"))
     assert len(losses[0]) >= 10
@@ -87,9 +99,20 @@ def test_same_seed_gives_identical_losses(name, tmp_path):
 def test_a_fractional_train_frequency_gives_several_updates_a_step(tmp_path):
     """--train-frequency 0.5: two updates an agent step, the paper's replay ratio of 2."""
     module = load_script("rainbow_impala_gap")
-    summary = module.main(module.Args(env_backend="gymnasium", env_id="tests.catch_env:Catch-v0", frame_size=24,
-                                      total_timesteps=60, learning_starts=40, buffer_size=500, train_frequency=0.5,
-                                      progress_seconds=1e9, cuda=False, output_dir=str(tmp_path)))
+    summary = module.main(
+        module.Args(
+            env_backend="gymnasium",
+            env_id="toy_envs.catch:Catch-v0",
+            frame_size=24,
+            total_timesteps=60,
+            learning_starts=40,
+            buffer_size=500,
+            train_frequency=0.5,
+            progress_seconds=1e9,
+            cuda=False,
+            output_dir=str(tmp_path),
+        )
+    )
     assert summary["updates"] == 2 * (60 - 40)
 
 
@@ -102,7 +125,7 @@ BAD_INPUTS = [
     (["--buffer-size", "-5"], "--buffer-size must be positive"),
     (["--buffer-size", str(10**10)], "lower --buffer-size"),
     (["--cudagraphs", "--no-cuda"], "--cudagraphs needs a CUDA device"),
-    (["--env-backend", "gymnasium", "--env-id", "tests.catch_env:ContinuousCatch-v0"], "needs discrete actions"),
+    (["--env-backend", "gymnasium", "--env-id", "toy_envs.catch:ContinuousCatch-v0"], "needs discrete actions"),
     (["--output-dir", "/dev/null/runs"], "cannot write to the run folder"),
     (["--checkpoint-every", "-1"], "--checkpoint-every must not be negative"),
     (["--encoder", "nature", "--encoder-extra-blocks", "2"], "they shape only the Impala encoder"),

@@ -14,7 +14,6 @@ import math
 
 import gymnasium as gym
 import numpy as np
-import pytest
 
 from benchmark.scripts import load_script
 
@@ -22,9 +21,6 @@ gap = load_script("rainbow_impala_gap")
 SEED, SIZE = 1, 84
 STEPS = 150  # agent steps: the ball is served and both paddles move well within this window
 ACTIONS = np.random.default_rng(0).integers(0, 6, STEPS)  # Pong's minimal action set has 6 actions
-
-
-pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def pong_args(backend: str) -> "gap.Args":
@@ -54,8 +50,7 @@ def raw_screens(noop_frames_after_reset: int) -> list:
     import ale_py
 
     gym.register_envs(ale_py)
-    env = gym.make("ALE/Pong-v5", frameskip=1, repeat_action_probability=0.0, obs_type="grayscale",
-                   full_action_space=False)
+    env = gym.make("ALE/Pong-v5", frameskip=1, repeat_action_probability=0.0, obs_type="grayscale", full_action_space=False)
     screens = [env.reset(seed=SEED)[0]]
     for _ in range(noop_frames_after_reset):
         screens.append(env.step(0)[0])
@@ -129,8 +124,9 @@ def test_gymnasium_frame_is_the_max_of_the_last_two_screens_area_resized():
         np.testing.assert_array_equal(frames[step], expected[step], err_msg=f"agent step {step}")
     # the window is one where the max matters: the last screen alone gives other frames (the ball and paddles move
     # between the two screens; measured: 144 of the 151 frames differ), so an adapter without the max fails above
-    last_only = [np.round(adaptive_area_resize(s, SIZE)).astype(np.uint8)
-                 for s in observed_screens(screens, 0, max_of_last_two=False)]
+    last_only = [
+        np.round(adaptive_area_resize(s, SIZE)).astype(np.uint8) for s in observed_screens(screens, 0, max_of_last_two=False)
+    ]
     differing = [step for step in range(STEPS + 1) if not np.array_equal(last_only[step], expected[step])]
     assert len(differing) >= 10
 

@@ -18,10 +18,23 @@ def runs(tmp_path_factory):
     module = load_script("rainbow_impala_gap")
     folders = {}
     for pooling in ["gap", "flatten"]:
-        summary = module.main(module.Args(
-            env_backend="gymnasium", env_id="tests.catch_env:Catch-v0", frame_size=24, total_timesteps=200, batch_size=8,
-            learning_starts=150, buffer_size=500, cuda=False, save_model=True, pooling=pooling, seed=1,
-            output_dir=str(tmp_path_factory.mktemp(pooling)), progress_seconds=1e9))
+        summary = module.main(
+            module.Args(
+                env_backend="gymnasium",
+                env_id="toy_envs.catch:Catch-v0",
+                frame_size=24,
+                total_timesteps=200,
+                batch_size=8,
+                learning_starts=150,
+                buffer_size=500,
+                cuda=False,
+                save_model=True,
+                pooling=pooling,
+                seed=1,
+                output_dir=str(tmp_path_factory.mktemp(pooling)),
+                progress_seconds=1e9,
+            )
+        )
         folders[pooling] = summary["run_dir"]
     return folders
 
@@ -32,8 +45,7 @@ def loaded(run_dir):
     net = module.QNetwork(env.num_actions, script_args)
     net.load_state_dict(state_dict)
     net.eval()
-    stacks = gradcam.play(module, env, script_args, net, gradcam.Args(run_dirs=[run_dir], frames=4, warmup_steps=3,
-                                                                      every=2))
+    stacks = gradcam.play(module, env, script_args, net, gradcam.Args(run_dirs=[run_dir], frames=4, warmup_steps=3, every=2))
     env.close()
     return net, stacks
 
@@ -51,7 +63,7 @@ def recomputed(net, obs, conv):
     q_leaf = net.q_values(obs[None])
     hook.remove()
     assert torch.allclose(q_leaf, q, atol=1e-6)
-    gradient, = torch.autograd.grad(q_leaf[0, action], leaf)
+    (gradient,) = torch.autograd.grad(q_leaf[0, action], leaf)
     activations, gradient = leaf[0].detach(), gradient[0]
     cam = torch.zeros(activations.shape[1:])
     for k in range(activations.shape[0]):  # alpha_k: the spatial mean of the gradient of channel k
@@ -90,7 +102,7 @@ def test_gap_grad_cam_of_phi_weights_channels_by_the_pooled_gradient():
     logits = net.value_head(hidden).unsqueeze(1) + advantages - advantages.mean(dim=1, keepdim=True)
     q = (logits.softmax(-1) * net.support).sum(-1)
     assert torch.equal(actions, q.argmax(1))
-    gradient, = torch.autograd.grad(q.gather(1, actions[:, None]).sum(), pooled)
+    (gradient,) = torch.autograd.grad(q.gather(1, actions[:, None]).sum(), pooled)
     h, w = features.shape[-2:]
     cam = (gradient[:, :, None, None] / (h * w) * features).sum(1, keepdim=True).clamp(min=0)
     cam = F.interpolate(cam, size=(24, 24), mode="bilinear", align_corners=False)[:, 0]
@@ -101,8 +113,7 @@ def test_gap_grad_cam_of_phi_weights_channels_by_the_pooled_gradient():
 
 def test_png_grid_of_two_runs(runs, tmp_path):
     out = tmp_path / "figures" / "gradcam.png"
-    path = gradcam.main(gradcam.Args(run_dirs=[runs["flatten"], runs["gap"]], frames=3, warmup_steps=2, every=3,
-                                     out=str(out)))
+    path = gradcam.main(gradcam.Args(run_dirs=[runs["flatten"], runs["gap"]], frames=3, warmup_steps=2, every=3, out=str(out)))
     assert path == str(out)
     data = out.read_bytes()
     assert data.startswith(PNG_HEADER) and len(data) > 1000
@@ -125,9 +136,22 @@ def test_runs_on_other_frames_or_without_a_model_are_refused(runs, tmp_path):
 def test_procgen_colour_stacks(tmp_path):
     """A Procgen agent's stacks are (stack, 3, 64, 64): its maps equal the recomputation and the grid draws RGB."""
     module = load_script("rainbow_procgen_gap")
-    summary = module.main(module.Args(
-        env_id="bigfish", num_envs=1, total_timesteps=120, batch_size=8, learning_starts=100, buffer_size=500,
-        cuda=False, save_model=True, eval_episodes=0, seed=1, output_dir=str(tmp_path / "run"), progress_seconds=1e9))
+    summary = module.main(
+        module.Args(
+            env_id="bigfish",
+            num_envs=1,
+            total_timesteps=120,
+            batch_size=8,
+            learning_starts=100,
+            buffer_size=500,
+            cuda=False,
+            save_model=True,
+            eval_episodes=0,
+            seed=1,
+            output_dir=str(tmp_path / "run"),
+            progress_seconds=1e9,
+        )
+    )
     net, stacks = loaded(summary["run_dir"])
     assert stacks.shape == (4, 4, 3, 64, 64) and stacks[:, -1].float().std() > 0  # real frames, not padding
     maps, actions = gradcam.grad_cam(net, stacks)

@@ -38,11 +38,15 @@ def test_depth_and_encoder_scale():
     assert all(type(m).__name__ == "NoisyLinear" for m in scaled.psi.layers)
 
 
+def parameter_count(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
 def test_extra_encoder_blocks_deepen_the_last_impala_stack():
     """Figure 4: residual blocks of two 3x3 convolutions (32 -> 32 channels, with biases) added to phi's last stack."""
     base, deeper = gap.QNetwork(6, gap.Args()), gap.QNetwork(6, gap.Args(encoder_extra_blocks=4))
-    count = lambda module: sum(p.numel() for p in module.parameters())
-    assert count(deeper.phi) - count(base.phi) == 4 * 2 * (3 * 3 * 32 * 32 + 32)
+
+    assert parameter_count(deeper.phi) - parameter_count(base.phi) == 4 * 2 * (3 * 3 * 32 * 32 + 32)
     assert [len(stack.blocks) for stack in deeper.phi.stacks] == [2, 2, 6]
     assert deeper.feature_shape == base.feature_shape == (32, 11, 11)
     assert deeper(torch.zeros(2, 4, 84, 84, dtype=torch.uint8)).shape == (2, 6, 51)
@@ -51,9 +55,9 @@ def test_extra_encoder_blocks_deepen_the_last_impala_stack():
 def test_encoder_blocks_per_stack_as_dopamine_num_blocks():
     """labs/moes `ImpalaEncoder.num_blocks`: every stack gets the same number of residual blocks."""
     base, deeper = gap.QNetwork(6, gap.Args()), gap.QNetwork(6, gap.Args(encoder_blocks=3))
-    count = lambda module: sum(p.numel() for p in module.parameters())
+
     added = sum(2 * (3 * 3 * c * c + c) for c in (16, 32, 32))  # one block of two convs in each stack
-    assert count(deeper.phi) - count(base.phi) == added
+    assert parameter_count(deeper.phi) - parameter_count(base.phi) == added
     assert [len(stack.blocks) for stack in deeper.phi.stacks] == [3, 3, 3]
 
 

@@ -38,7 +38,7 @@ def test_per_sample_noise_equals_a_loop_over_perturbed_weight_matrices(name):
 
     shared = layer(x, {"layer": (eps_in[:1], eps_out[:1])})  # one row of noise serves the whole batch
     for r in range(4):
-        torch.testing.assert_close(shared[r], layer(x[r:r + 1], {"layer": (eps_in[:1], eps_out[:1])})[0])
+        torch.testing.assert_close(shared[r], layer(x[r : r + 1], {"layer": (eps_in[:1], eps_out[:1])})[0])
     torch.testing.assert_close(layer(x), x @ layer.weight.T + layer.bias)  # no noise: the mean weights
 
 
@@ -51,14 +51,14 @@ def test_noise_draws_have_the_factorised_distribution(name):
     eps_in, eps_out = layer.sample_noise(200_000)
     assert eps_in.shape == (200_000, 3) and eps_out.shape == (200_000, 2)
     assert abs(float(eps_in.mean())) < 0.01
-    assert abs(float((eps_in ** 2).mean()) - (2 / torch.pi) ** 0.5) < 0.01
+    assert abs(float((eps_in**2).mean()) - (2 / torch.pi) ** 0.5) < 0.01
 
 
 def test_dopamine_noisy_initialisation():
     """mu ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases, sigma = 0.1/sqrt(fan_in) (Dopamine NoisyNetwork)."""
     torch.manual_seed(0)
     layer = gap.NoisyLinear(400, 300)
-    bound = 400 ** -0.5
+    bound = 400**-0.5
     assert layer.weight.abs().max() <= bound and layer.weight.abs().max() > 0.99 * bound
     assert layer.bias.abs().max() <= bound
     assert torch.all(layer.weight_sigma == 0.1 * bound) and torch.all(layer.bias_sigma == 0.1 * bound)
@@ -87,14 +87,19 @@ def test_loss_draws_per_sample_noise_online_and_one_shared_draw_for_target_and_s
         def recorded(x, noise=None):
             calls.append((label, x.shape[0], noise))
             return forward(x, noise)
+
         return recorded
 
     net.sample_noise = recording_draw
     net.forward = recording_forward(net, "online")
     target_net.forward = recording_forward(target_net, "target")
-    batch = dict(obs=torch.randint(0, 255, (6, 4, 24, 24), dtype=torch.uint8), actions=torch.randint(0, 3, (6,)),
-                 returns=torch.randn(6), discounts=torch.full((6,), 0.97),
-                 next_obs=torch.randint(0, 255, (6, 4, 24, 24), dtype=torch.uint8))
+    batch = dict(
+        obs=torch.randint(0, 255, (6, 4, 24, 24), dtype=torch.uint8),
+        actions=torch.randint(0, 3, (6,)),
+        returns=torch.randn(6),
+        discounts=torch.full((6,), 0.97),
+        next_obs=torch.randint(0, 255, (6, 4, 24, 24), dtype=torch.uint8),
+    )
     gap.c51_losses(net, target_net, batch, double_dqn=True)
 
     assert rows_drawn == [6, 1]
@@ -135,7 +140,10 @@ def test_parameter_counts_with_noisy_layers(scale, pooling):
     """Every noisy layer holds weight, bias, weight sigma and bias sigma: 2 (in * out + out) parameters."""
     actions, atoms, width = 18, 51, 512 * scale
     inputs = 11 * 11 * 32 if pooling == "flatten" else 32
-    noisy = lambda fan_in, fan_out: 2 * (fan_in * fan_out + fan_out)
+
+    def noisy(fan_in, fan_out):
+        return 2 * (fan_in * fan_out + fan_out)
+
     expected = impala_params(4) + noisy(inputs, width) + noisy(width, actions * atoms) + noisy(width, atoms)
     net = gap.QNetwork(actions, gap.Args(scale=scale, pooling=pooling))
     assert sum(p.numel() for p in net.parameters()) == expected

@@ -14,8 +14,15 @@ from benchmark import aggregate, metrics, plots
 from benchmark.scripts import ROOT
 
 PNG_HEADER = b"\x89PNG\r\n\x1a\n"
-PNGS = ["iqm_vs_scale.png", "iqm_over_training.png", "gpu_hours_vs_iqm.png", "iqm_vs_psi_parameters.png",
-        "method_comparison.png", "diagnostics.png", "dopamine_curves.png"]
+PNGS = [
+    "iqm_vs_scale.png",
+    "iqm_over_training.png",
+    "gpu_hours_vs_iqm.png",
+    "iqm_vs_psi_parameters.png",
+    "method_comparison.png",
+    "diagnostics.png",
+    "dopamine_curves.png",
+]
 ITERATION = 250_000
 
 
@@ -24,14 +31,28 @@ def write_run(folder, game, seed, fractions, diagnostics=None, wall_seconds=3600
     diagnostics: tag -> values, one an iteration, written as TensorBoard scalars; counts: summary fields such as
     params_psi."""
     random_score, human_score = metrics.reference_table()[game.lower()]
-    returns = [dict(step=ITERATION * (k + 1), episodes=0 if f is None else 3,
-                    mean_return=None if f is None else random_score + f * (human_score - random_score))
-               for k, f in enumerate(fractions)]
+    returns = [
+        dict(
+            step=ITERATION * (k + 1),
+            episodes=0 if f is None else 3,
+            mean_return=None if f is None else random_score + f * (human_score - random_score),
+        )
+        for k, f in enumerate(fractions)
+    ]
     env_id = f"{game}-v5"
-    summary = dict(script="rainbow_impala_gap.py", env_id=env_id, seed=seed, env_steps=ITERATION * len(fractions),
-                   frames=4 * ITERATION * len(fractions), wall_seconds=wall_seconds, device="cuda",
-                   returns_by_iteration=returns, final_return=returns[-1]["mean_return"],
-                   args=dict(seed=seed, env_id=env_id, output_dir="runs", frame_skip=4, **args), **(counts or {}))
+    summary = dict(
+        script="rainbow_impala_gap.py",
+        env_id=env_id,
+        seed=seed,
+        env_steps=ITERATION * len(fractions),
+        frames=4 * ITERATION * len(fractions),
+        wall_seconds=wall_seconds,
+        device="cuda",
+        returns_by_iteration=returns,
+        final_return=returns[-1]["mean_return"],
+        args=dict(seed=seed, env_id=env_id, output_dir="runs", frame_skip=4, **args),
+        **(counts or {}),
+    )
     os.makedirs(folder)
     with open(os.path.join(folder, "summary.json"), "w") as f:
         json.dump(summary, f)
@@ -45,10 +66,18 @@ def write_run(folder, game, seed, fractions, diagnostics=None, wall_seconds=3600
 
 
 def test_iqm_over_training_is_the_iqm_of_each_iteration(tmp_path):
-    fractions = {("Pong", 0): [0.1, 0.5, 0.9], ("Pong", 1): [0.2, None, 1.1], ("Pong", 2): [0.0, 0.4, 0.7],
-                 ("Breakout", 0): [0.3, 0.6, 2.0], ("Breakout", 1): [-0.1, 0.2, 0.8], ("Breakout", 2): [0.05, 0.3, 1.5]}
-    folders = [write_run(tmp_path / f"{game}{seed}", game, seed, f, pooling="flatten", scale=4)
-               for (game, seed), f in fractions.items()]
+    fractions = {
+        ("Pong", 0): [0.1, 0.5, 0.9],
+        ("Pong", 1): [0.2, None, 1.1],
+        ("Pong", 2): [0.0, 0.4, 0.7],
+        ("Breakout", 0): [0.3, 0.6, 2.0],
+        ("Breakout", 1): [-0.1, 0.2, 0.8],
+        ("Breakout", 2): [0.05, 0.3, 1.5],
+    }
+    folders = [
+        write_run(tmp_path / f"{game}{seed}", game, seed, f, pooling="flatten", scale=4)
+        for (game, seed), f in fractions.items()
+    ]
     runs = metrics.load_runs(folders, [])
     curves = plots.iqm_over_training(runs, reps=200, seed=0)
     assert list(curves) == ["rainbow_impala_gap pooling=flatten scale=4"]
@@ -70,8 +99,11 @@ def test_iqm_by_scale_puts_a_methods_scales_on_one_line(tmp_path):
             for game in ["Pong", "Breakout"]:
                 for seed in range(2):
                     f = 0.1 * scale + (0.5 if pooling == "gap" else 0.0) + 0.03 * seed + (0.2 if game == "Pong" else 0)
-                    folders.append(write_run(tmp_path / f"{pooling}{scale}{game}{seed}", game, seed, [0.0, f],
-                                             pooling=pooling, scale=scale))
+                    folders.append(
+                        write_run(
+                            tmp_path / f"{pooling}{scale}{game}{seed}", game, seed, [0.0, f], pooling=pooling, scale=scale
+                        )
+                    )
                     scores.append(f)
             expected[(pooling, scale)] = metrics.iqm(np.array(scores))
     lines = plots.iqm_by_scale(metrics.load_runs(folders, []), reps=100, seed=0)
@@ -86,9 +118,11 @@ def test_iqm_by_scale_puts_a_methods_scales_on_one_line(tmp_path):
 
 def test_diagnostics_are_averaged_over_a_methods_runs(tmp_path):
     phi, psi, norm = plots.DIAGNOSTICS
-    folders = [write_run(tmp_path / "a", "Pong", 0, [0.1, 0.2], {phi: [0.0, 0.1], psi: [0.2, 0.4], norm: [3.0, 5.0]}),
-               write_run(tmp_path / "b", "Pong", 1, [0.1, 0.2], {phi: [0.2, 0.3], psi: [0.4, 0.8], norm: [1.0, 2.0]}),
-               write_run(tmp_path / "c", "Pong", 0, [0.1, 0.2], pooling="flatten")]  # no events: no curves
+    folders = [
+        write_run(tmp_path / "a", "Pong", 0, [0.1, 0.2], {phi: [0.0, 0.1], psi: [0.2, 0.4], norm: [3.0, 5.0]}),
+        write_run(tmp_path / "b", "Pong", 1, [0.1, 0.2], {phi: [0.2, 0.3], psi: [0.4, 0.8], norm: [1.0, 2.0]}),
+        write_run(tmp_path / "c", "Pong", 0, [0.1, 0.2], pooling="flatten"),
+    ]  # no events: no curves
     by_method = plots.diagnostics_by_method(metrics.load_runs(folders, []))
     assert list(by_method) == ["rainbow_impala_gap"]
     curves = by_method["rainbow_impala_gap"]
@@ -120,10 +154,26 @@ def test_psi_parameters_prefer_the_effective_count_and_average_over_runs(tmp_pat
     folders = []
     for seed, (dense, effective) in enumerate([(1000, 100), (1000, 300)]):
         for game in ["Pong", "Breakout"]:
-            folders.append(write_run(tmp_path / f"pruned{game}{seed}", game, seed, [0.2 + 0.1 * seed],
-                                     counts=dict(params_psi=dense, params_psi_effective=effective), pooling="flatten"))
-            folders.append(write_run(tmp_path / f"dense{game}{seed}", game, seed, [0.5 + 0.1 * seed],
-                                     counts=dict(params_psi=2000 + seed), scale=2))
+            folders.append(
+                write_run(
+                    tmp_path / f"pruned{game}{seed}",
+                    game,
+                    seed,
+                    [0.2 + 0.1 * seed],
+                    counts=dict(params_psi=dense, params_psi_effective=effective),
+                    pooling="flatten",
+                )
+            )
+            folders.append(
+                write_run(
+                    tmp_path / f"dense{game}{seed}",
+                    game,
+                    seed,
+                    [0.5 + 0.1 * seed],
+                    counts=dict(params_psi=2000 + seed),
+                    scale=2,
+                )
+            )
     folders.append(write_run(tmp_path / "old", "Pong", 0, [0.9], scale=8))  # no count recorded: left out
     runs = metrics.load_runs(folders, [])
     rows = metrics.aggregate(metrics.scores_by_method(runs), reps=50, seed=0)
@@ -142,11 +192,19 @@ def test_aggregate_draws_every_plot(tmp_path):
             for game in ["Pong", "Breakout"]:
                 for seed in range(2):
                     level = 0.2 * scale + (0.5 if pooling == "gap" else 0.0) + 0.1 * seed
-                    folders.append(write_run(
-                        tmp_path / "runs" / f"{game}_{pooling}_{scale}_{seed}", game, seed, [0.0, level / 2, level],
-                        {phi: [0.01, 0.02, 0.03], psi: [0.1, 0.2, 0.3], norm: [1.0, 2.0, 4.0]},
-                        wall_seconds=3600.0 * scale, counts=dict(params_psi=(3872 if pooling == "flatten" else 32) * 512
-                                                                 * scale), pooling=pooling, scale=scale))
+                    folders.append(
+                        write_run(
+                            tmp_path / "runs" / f"{game}_{pooling}_{scale}_{seed}",
+                            game,
+                            seed,
+                            [0.0, level / 2, level],
+                            {phi: [0.01, 0.02, 0.03], psi: [0.1, 0.2, 0.3], norm: [1.0, 2.0, 4.0]},
+                            wall_seconds=3600.0 * scale,
+                            counts=dict(params_psi=(3872 if pooling == "flatten" else 32) * 512 * scale),
+                            pooling=pooling,
+                            scale=scale,
+                        )
+                    )
     out = tmp_path / "out"
     rows = aggregate.main(aggregate.Args(run_dirs=folders, out=str(out), reps=100))
     assert len(rows) == 4 * len(metrics.METRICS)
@@ -157,28 +215,43 @@ def test_aggregate_draws_every_plot(tmp_path):
 
 def run_aggregate(folders, out, *flags):
     """Exit status, stderr and the plots reported skipped of `python benchmark/aggregate.py FOLDERS --out OUT`."""
-    result = subprocess.run([sys.executable, "benchmark/aggregate.py", *folders, "--out", str(out), "--reps", "50",
-                             *flags], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "benchmark/aggregate.py", *folders, "--out", str(out), "--reps", "50", *flags],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     skipped = {line.split()[1] for line in result.stdout.splitlines() if line.startswith("plot ") and "skipped" in line}
     return result.returncode, result.stderr, skipped
 
 
 def test_no_scores_skip_every_plot_with_a_reason(tmp_path):
     # the last iteration ended no episode, so no run has a final return: no scores, no plot, and no crash
-    folders = [write_run(tmp_path / "runs" / f"Pong{seed}", "Pong", seed, [0.1 * seed, None], pooling="flatten")
-               for seed in range(3)]
+    folders = [
+        write_run(tmp_path / "runs" / f"Pong{seed}", "Pong", seed, [0.1 * seed, None], pooling="flatten") for seed in range(3)
+    ]
     out = tmp_path / "out"
     code, stderr, skipped = run_aggregate(folders, out)
     assert code == 0, stderr
     assert stderr.count("no final return") == 3
-    assert skipped == {"iqm_vs_scale", "iqm_over_training", "gpu_hours_vs_iqm", "iqm_vs_psi_parameters",
-                       "method_comparison", "diagnostics", "dopamine_curves"}
+    assert skipped == {
+        "iqm_vs_scale",
+        "iqm_over_training",
+        "gpu_hours_vs_iqm",
+        "iqm_vs_psi_parameters",
+        "method_comparison",
+        "diagnostics",
+        "dopamine_curves",
+    }
     assert not any(name.endswith(".png") for name in os.listdir(out))
 
 
 def test_one_scale_and_no_events_skip_only_their_plots(tmp_path):
-    folders = [write_run(tmp_path / "runs" / f"{game}{seed}", game, seed, [0.1, None, 0.3 + 0.1 * seed],
-                         pooling="flatten", scale=4) for game in ["Pong", "Breakout"] for seed in range(3)]
+    folders = [
+        write_run(tmp_path / "runs" / f"{game}{seed}", game, seed, [0.1, None, 0.3 + 0.1 * seed], pooling="flatten", scale=4)
+        for game in ["Pong", "Breakout"]
+        for seed in range(3)
+    ]
     out = tmp_path / "out"
     code, stderr, skipped = run_aggregate(folders, out)
     assert code == 0, stderr
@@ -187,4 +260,4 @@ def test_one_scale_and_no_events_skip_only_their_plots(tmp_path):
         assert_png(out / name)
     code, stderr, skipped = run_aggregate(folders, tmp_path / "tables", "--no-plots")
     assert code == 0 and not skipped, stderr
-    assert sorted(os.listdir(tmp_path / "tables")) == ["aggregate.csv", "aggregate.md"]
+    assert sorted(os.listdir(tmp_path / "tables")) == ["aggregate.csv", "aggregate.md", "per_game.csv"]

@@ -14,14 +14,11 @@ import torch
 import tyro
 
 from benchmark.scripts import load_script
-from tests.test_end_to_end import SHORT_RUN, run_script, scalars
+from tests.helpers import SHORT_RUN, run_script, scalars
 
 NAME = "rainbow_procgen_gap"
 procgen_gap = load_script(NAME)
 procgen = pytest.importorskip("procgen")
-
-
-pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def small_args(**overrides):
@@ -49,8 +46,9 @@ def test_procgen_frames_are_64x64_rgb_as_procgen_renders_them():
     assert first.shape == frames.shape == (3, 3, 64, 64) and frames.dtype == np.uint8
     assert rewards.shape == terminated.shape == truncated.shape == (3,)
     # procgen itself, built with the same level set and seed and stepped the same way
-    reference = procgen.ProcgenGym3Env(num=3, env_name="coinrun", num_levels=200, start_level=0,
-                                       distribution_mode="easy", rand_seed=5)
+    reference = procgen.ProcgenGym3Env(
+        num=3, env_name="coinrun", num_levels=200, start_level=0, distribution_mode="easy", rand_seed=5
+    )
     assert np.array_equal(first, reference.observe()[1]["rgb"].transpose(0, 3, 1, 2))
     reference.act(np.zeros(3, np.int32))
     assert np.array_equal(frames, reference.observe()[1]["rgb"].transpose(0, 3, 1, 2))
@@ -64,8 +62,7 @@ def test_training_uses_200_easy_levels_and_evaluation_unseen_levels(recorded_pro
     net = procgen_gap.QNetwork(15, args)
     returns = procgen_gap.evaluate(net, args, torch.device("cpu"), seed=10_001)
     training, evaluation = recorded_procgen
-    assert training == dict(num=2, env_name="starpilot", num_levels=200, start_level=0, distribution_mode="easy",
-                            rand_seed=1)
+    assert training == dict(num=2, env_name="starpilot", num_levels=200, start_level=0, distribution_mode="easy", rand_seed=1)
     assert evaluation["num"] == 3 and evaluation["num_levels"] == 0 and evaluation["distribution_mode"] == "easy"
     assert evaluation["rand_seed"] != training["rand_seed"]
     assert len(returns) == 3
@@ -79,7 +76,7 @@ def test_normalised_score_uses_the_easy_and_hard_ranges():
     assert procgen_gap.normalized_score("starpilot", "easy", 10.0) == pytest.approx(7.5 / 61.5)
     assert procgen_gap.normalized_score("fruitbot", "easy", 0.0) == pytest.approx(1.5 / 33.9)
     assert procgen_gap.normalized_score("caveflyer", "hard", 5.0) == pytest.approx(3 / 11.4)
-    assert procgen_gap.normalized_score("tests.catch_env:Catch-v0", "easy", 1.0) is None
+    assert procgen_gap.normalized_score("toy_envs.catch:Catch-v0", "easy", 1.0) is None
     assert procgen_gap.normalized_score("bigfish", "easy", None) is None
     assert sorted(procgen_gap.PROCGEN_SCORE_RANGES) == sorted(procgen_gap.PROCGEN_GAMES)
     assert len(procgen_gap.PROCGEN_GAMES) == 16
@@ -96,8 +93,13 @@ def test_replay_rebuilds_colour_stacks_zero_padded_at_episode_starts():
     acted_on = []  # the stacks the agent acted on, built as the training loop builds them
     for t in range(steps):
         acted_on.append(obs.clone())
-        replay.add(obs[:, -1], torch.zeros(num_envs), torch.zeros(num_envs), torch.from_numpy(ended[t]),
-                   torch.zeros(num_envs, dtype=torch.bool))
+        replay.add(
+            obs[:, -1],
+            torch.zeros(num_envs),
+            torch.zeros(num_envs),
+            torch.from_numpy(ended[t]),
+            torch.zeros(num_envs, dtype=torch.bool),
+        )
         if t + 1 < steps:
             obs = procgen_gap.advance_stack(obs, torch.from_numpy(frames[t + 1]), torch.from_numpy(ended[t]))
     replay.flush()  # 40 steps: one batch of 32 written by itself, 8 held back until now
@@ -120,8 +122,9 @@ def test_replay_rebuilds_colour_stacks_zero_padded_at_episode_starts():
 
 def test_replay_memory_estimate_counts_rgb_frames():
     replay = procgen_gap.DeviceReplay(4096, 2, 64, 4, 3, 0.99, torch.device("cpu"))
-    held = sum(getattr(replay, name).nbytes for name in ["frames", "actions", "rewards", "terminal", "episode_end",
-                                                         "priorities"])
+    held = sum(
+        getattr(replay, name).nbytes for name in ["frames", "actions", "rewards", "terminal", "episode_end", "priorities"]
+    )
     assert held == procgen_gap.DeviceReplay.bytes_needed(4096, 64) == 4096 * (3 * 64 * 64 + 14)
     assert 12e9 < procgen_gap.DeviceReplay.bytes_needed(1_000_000, 64) < 12.5e9
 
@@ -192,11 +195,27 @@ def test_clip_rewards_decides_the_rewards_the_replay_stores(clip, monkeypatch, t
     """--clip-rewards (the default) stores rewards clipped to [-1, 1], --no-clip-rewards the game's; the training
     return adds up the game's rewards either way. The replay is read from the checkpoint written at the last step."""
     assert procgen_gap.Args().clip_rewards  # the default: clipped, as the script always did
-    monkeypatch.setattr(procgen_gap, "make_env", lambda args, num_envs=None, seed=None, evaluation=False:
-                        ScriptedRewards())
-    flags = ["--no-cuda", "--frame-size", "16", "--num-envs", "2", "--total-timesteps", "6", "--buffer-size", "100",
-             "--checkpoint-every", "6", "--eval-episodes", "0", "--progress-seconds", "1e9",
-             "--output-dir", str(tmp_path), "--clip-rewards" if clip else "--no-clip-rewards"]
+    monkeypatch.setattr(procgen_gap, "make_env", lambda args, num_envs=None, seed=None, evaluation=False: ScriptedRewards())
+    flags = [
+        "--no-cuda",
+        "--frame-size",
+        "16",
+        "--num-envs",
+        "2",
+        "--total-timesteps",
+        "6",
+        "--buffer-size",
+        "100",
+        "--checkpoint-every",
+        "6",
+        "--eval-episodes",
+        "0",
+        "--progress-seconds",
+        "1e9",
+        "--output-dir",
+        str(tmp_path),
+        "--clip-rewards" if clip else "--no-clip-rewards",
+    ]
     args = tyro.cli(procgen_gap.Args, args=flags)
     assert args.clip_rewards is clip
     summary = procgen_gap.main(args)
@@ -234,27 +253,43 @@ def test_short_procgen_run_writes_summary_and_events(tmp_path):
     assert summary["train_return"] == summary["final_return"] == summary["returns_by_iteration"][-1]["mean_return"]
     assert os.path.exists(os.path.join(run_dir, "model.pt"))
     assert len(scalars(run_dir, "eval/mean_return")) == 3
-    for tag in ["losses/td_loss", "losses/q_values", "charts/SPS", "charts/epsilon", "charts/episodic_return",
-                "diagnostics/dormant_fraction_phi", "diagnostics/dormant_fraction_psi",
-                "diagnostics/bottleneck_feature_norm"]:
+    for tag in [
+        "losses/td_loss",
+        "losses/q_values",
+        "charts/SPS",
+        "charts/epsilon",
+        "charts/episodic_return",
+        "diagnostics/dormant_fraction_phi",
+        "diagnostics/dormant_fraction_psi",
+        "diagnostics/bottleneck_feature_norm",
+    ]:
         assert scalars(run_dir, tag), tag
 
 
 def test_same_seed_gives_identical_losses_and_evaluations(tmp_path):
     runs = []
     for attempt in range(2):
-        args = small_args(env_id="starpilot", total_timesteps=120, learning_starts=40, buffer_size=500,
-                          iteration_steps=60, eval_episodes=2, log_every=8, output_dir=str(tmp_path / str(attempt)))
+        args = small_args(
+            env_id="starpilot",
+            total_timesteps=120,
+            learning_starts=40,
+            buffer_size=500,
+            iteration_steps=60,
+            eval_episodes=2,
+            log_every=8,
+            output_dir=str(tmp_path / str(attempt)),
+        )
         summary = procgen_gap.main(args)
-        runs.append((scalars(summary["run_dir"], "losses/td_loss"), summary["eval_by_iteration"],
-                     summary["returns_by_iteration"]))
+        runs.append(
+            (scalars(summary["run_dir"], "losses/td_loss"), summary["eval_by_iteration"], summary["returns_by_iteration"])
+        )
     assert len(runs[0][0]) >= 8
     assert runs[0] == runs[1]
 
 
 BAD_INPUTS = [
     (["--env-id", "NoSuchGame"], "unknown env id 'NoSuchGame' for procgen"),
-    (["--env-id", "tests.catch_env:Catch-v0"], "use --env-backend gymnasium"),
+    (["--env-id", "toy_envs.catch:Catch-v0"], "use --env-backend gymnasium"),
     (["--env-backend", "gymnasium", "--env-id", "CartPole-v1"], "does not give uint8 image observations"),
     (["--scale", "0"], "--scale must be positive"),
     (["--num-levels", "-1"], "--num-levels must not be negative"),

@@ -2,19 +2,20 @@
 
 import math
 import os
-from fractions import Fraction
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from benchmark.scripts import load_script, training_parts
+from tests.helpers import erk_exact, zeros_at
 
 pruned = load_script("rainbow_pruned")
 
 
-@pytest.mark.parametrize("step,expected", [(0, 0.0), (100, 0.0), (300, 0.9 * (1 - 0.5**3)), (420, 0.9 * (1 - 0.2**3)),
-                                           (500, 0.9), (5000, 0.9)])
+@pytest.mark.parametrize(
+    "step,expected", [(0, 0.0), (100, 0.0), (300, 0.9 * (1 - 0.5**3)), (420, 0.9 * (1 - 0.2**3)), (500, 0.9), (5000, 0.9)]
+)
 def test_gradual_schedule_is_the_cubic_formula(step, expected):
     assert pruned.gradual_sparsity(step, 100, 500, 0.9) == pytest.approx(expected, abs=1e-12)
 
@@ -26,35 +27,14 @@ def test_rigl_drop_fraction_decays_by_cosine_to_zero():
     assert pruned.rigl_drop_fraction(3000, 1000, 0.2) == pytest.approx(0.0, abs=1e-12)
 
 
-def erk_exact(shapes, sparsity):
-    """JaxPruner's ERK sparsities, in exact fractions: densities min(1, eps * sum(shape) / prod(shape)), eps such
-    that the kept weights total JaxPruner's sum of n - floor(sparsity * n). Found by trying every number k of dense
-    layers (the k with the highest raw density) and keeping the k whose eps is consistent: dense layers at or over
-    density 1, the others at or under it."""
-    sizes = [math.prod(shape) for shape in shapes]
-    raw = [Fraction(sum(shape), size) for shape, size in zip(shapes, sizes)]
-    kept = sum(size - math.floor(sparsity * size) for size in sizes)
-    order = sorted(range(len(shapes)), key=lambda i: raw[i], reverse=True)
-    for k in range(len(shapes)):
-        dense, sparse = order[:k], order[k:]
-        eps = (kept - sum(sizes[i] for i in dense)) / sum(raw[i] * sizes[i] for i in sparse)
-        if all(eps * raw[i] >= 1 for i in dense) and all(eps * raw[i] <= 1 for i in sparse):
-            return [Fraction(0) if i in dense else 1 - eps * raw[i] for i in range(len(shapes))]
-    raise AssertionError("no consistent eps")
-
-
-def zeros_at(final_sparsities, sizes, step, start, end):
-    """JaxPruner's per-layer zero counts at `step`: floor(s_l * (1 - (1 - p)^3) * n_l), exactly."""
-    progress = Fraction(min(max(step - start, 0), end - start), end - start)
-    factor = 1 - (1 - progress) ** 3
-    return [math.floor(s * factor * n) for s, n in zip(final_sparsities, sizes)]
-
-
 @pytest.mark.parametrize("sparsity", [0.5, 0.9, 0.99])
-@pytest.mark.parametrize("shapes", [
-    [(16, 4, 3, 3), (32, 16, 3, 3), (512, 3872), (306, 512)],
-    [(4, 2), (64, 64), (1024, 2048)],  # the small layer would exceed density 1: it stays dense
-])
+@pytest.mark.parametrize(
+    "shapes",
+    [
+        [(16, 4, 3, 3), (32, 16, 3, 3), (512, 3872), (306, 512)],
+        [(4, 2), (64, 64), (1024, 2048)],  # the small layer would exceed density 1: it stays dense
+    ],
+)
 def test_erk_sparsities_match_the_formula(shapes, sparsity):
     sparsities = pruned.layer_sparsities(shapes, sparsity, "erk")
     for got, expected in zip(sparsities, erk_exact(shapes, sparsity)):
@@ -78,12 +58,15 @@ def masked_tensors(module):
     return [p for name, p in module.named_parameters(recurse=False) if name in ("weight", "weight_sigma")]
 
 
-@pytest.mark.parametrize("sparsify,extra_layers,expected", [
-    ("bottleneck", 0, ["psi.layers.0"]),
-    ("psi", 0, ["psi.layers.0", "head", "value_head"]),
-    ("psi", 1, ["psi.layers.0", "psi.layers.1", "head", "value_head"]),  # a plain Linear among the noisy layers
-    ("all", 1, None),
-])
+@pytest.mark.parametrize(
+    "sparsify,extra_layers,expected",
+    [
+        ("bottleneck", 0, ["psi.layers.0"]),
+        ("psi", 0, ["psi.layers.0", "head", "value_head"]),
+        ("psi", 1, ["psi.layers.0", "psi.layers.1", "head", "value_head"]),  # a plain Linear among the noisy layers
+        ("all", 1, None),
+    ],
+)
 def test_sparsify_masks_only_the_layers_it_names(sparsify, extra_layers, expected):
     torch.manual_seed(0)
     args = pruned.Args(frame_size=24, method="static", sparsify=sparsify, extra_dense_layers=extra_layers)
@@ -142,8 +125,9 @@ def test_a_masked_noisy_connection_contributes_nothing():
 
 def training_setup(method: str, **overrides):
     torch.manual_seed(0)
-    args = pruned.Args(frame_size=24, buffer_size=600, batch_size=8, learning_rate=1e-3, method=method, cuda=False,
-                       **overrides)
+    args = pruned.Args(
+        frame_size=24, buffer_size=600, batch_size=8, learning_rate=1e-3, method=method, cuda=False, **overrides
+    )
     parts = training_parts(pruned, args, torch.device("cpu"))
     steps = pruned.schedule_steps(args, args.total_timesteps)
     pruner = pruned.Pruner(parts.net, parts.optimizer, args, steps["prune_start_step"], steps["prune_end_step"])
@@ -175,8 +159,9 @@ def test_gradual_pruning_follows_jaxpruners_per_layer_schedule(sparsity):
     target (computed once, as JaxPruner does), not ERK recomputed for the overall target of the moment."""
     torch.manual_seed(0)
     start, end = 100, 500
-    args = pruned.Args(frame_size=24, method="gradual", sparsity=sparsity, sparsify="all", mask_update_every=1,
-                       total_timesteps=10**9)  # the schedule comes from start and end, not from total_timesteps
+    args = pruned.Args(
+        frame_size=24, method="gradual", sparsity=sparsity, sparsify="all", mask_update_every=1, total_timesteps=10**9
+    )  # the schedule comes from start and end, not from total_timesteps
     net = pruned.QNetwork(6, args)
     pruner = pruned.Pruner(net, pruned.make_optimizer(net, args), args, start, end)
     shapes = [tuple(m.weight.shape) for m in pruner.layers]
@@ -249,9 +234,21 @@ def test_rigl_keeps_sparsity_grows_where_gradients_are_largest_and_resets_moment
 def test_a_resume_with_more_timesteps_keeps_the_schedule(tmp_path):
     """The schedule's steps are fixed when the run starts: a resume with a larger --total-timesteps keeps them, so
     after the first run's t_end the masks stay at the final sparsity (a moved schedule would prune less)."""
-    common = dict(env_backend="gymnasium", env_id="tests.catch_env:Catch-v0", frame_size=24, learning_starts=20,
-                  buffer_size=300, batch_size=4, mask_update_every=2, checkpoint_every=50, diagnostics_every=20,
-                  diagnostics_batch_size=8, log_every=50, progress_seconds=1e9, cuda=False)
+    common = dict(
+        env_backend="gymnasium",
+        env_id="toy_envs.catch:Catch-v0",
+        frame_size=24,
+        learning_starts=20,
+        buffer_size=300,
+        batch_size=4,
+        mask_update_every=2,
+        checkpoint_every=50,
+        diagnostics_every=20,
+        diagnostics_batch_size=8,
+        log_every=50,
+        progress_seconds=1e9,
+        cuda=False,
+    )
     torch.manual_seed(0)
     first = pruned.main(pruned.Args(total_timesteps=100, output_dir=str(tmp_path), **common))
     run_dir = first["run_dir"]

@@ -12,14 +12,28 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from benchmark.scripts import load_script
-from tests.test_pruning import erk_exact, zeros_at
+from tests.helpers import erk_exact, zeros_at
 
 pruned = load_script("rainbow_pruned")
 
-CATCH_RUN = dict(env_backend="gymnasium", env_id="tests.catch_env:Catch-v0", frame_size=16, learning_starts=20,
-                 train_frequency=1, buffer_size=300, batch_size=4, sparsity=0.9, sparsify="all", distribution="erk",
-                 diagnostics_every=20, diagnostics_batch_size=8, log_every=50, progress_seconds=1e9, cuda=False,
-                 save_model=True)
+CATCH_RUN = dict(
+    env_backend="gymnasium",
+    env_id="toy_envs.catch:Catch-v0",
+    frame_size=16,
+    learning_starts=20,
+    train_frequency=1,
+    buffer_size=300,
+    batch_size=4,
+    sparsity=0.9,
+    sparsify="all",
+    distribution="erk",
+    diagnostics_every=20,
+    diagnostics_batch_size=8,
+    log_every=50,
+    progress_seconds=1e9,
+    cuda=False,
+    save_model=True,
+)
 
 
 def masked_layers(state_dict) -> list:
@@ -84,8 +98,15 @@ def test_gradual_pruning_through_main_and_a_resume(tmp_path):
     """A 100-step run, then resumed to 200 steps. The schedule is fixed by the first run: prune_start 0.3 and
     prune_end 1.0 of 100 steps, steps 30 to 100, kept on resume (not 60 to 200). Masks update every 45 updates, at
     steps 65, 110, 155 and 200: the half-way checkpoint holds step 65's masks, half way along the cubic schedule."""
-    common = dict(CATCH_RUN, method="gradual", prune_start=0.3, prune_end=1.0, mask_update_every=45,
-                  checkpoint_every=100, output_dir=str(tmp_path))
+    common = dict(
+        CATCH_RUN,
+        method="gradual",
+        prune_start=0.3,
+        prune_end=1.0,
+        mask_update_every=45,
+        checkpoint_every=100,
+        output_dir=str(tmp_path),
+    )
     first = pruned.main(pruned.Args(total_timesteps=100, **common))
     run_dir = first["run_dir"]
     half = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
@@ -133,8 +154,15 @@ def test_rigl_through_main_and_a_preempted_resume(tmp_path, monkeypatch, keep_si
     """A 200-step RigL run stopped right after its half-way checkpoint, as by a SIGTERM then, and resumed. RigL's drop
     fraction falls to 0 at prune_end (step 160 here), so the run is stopped within its schedule rather than made
     shorter (a 100-step run would end its schedule by step 100, and the resumed half would change no mask)."""
-    common = dict(CATCH_RUN, method="rigl", prune_end=0.8, rigl_update_every=10, total_timesteps=200,
-                  checkpoint_every=100, output_dir=str(tmp_path))
+    common = dict(
+        CATCH_RUN,
+        method="rigl",
+        prune_end=0.8,
+        rigl_update_every=10,
+        total_timesteps=200,
+        checkpoint_every=100,
+        output_dir=str(tmp_path),
+    )
     write_atomically = pruned.write_atomically
 
     def write_then_stop(state, path):
@@ -163,8 +191,9 @@ def test_rigl_through_main_and_a_preempted_resume(tmp_path, monkeypatch, keep_si
     assert resumed["env_steps"] == 200
     model = torch.load(os.path.join(run_dir, "model.pt"), weights_only=False)["model"]
     assert zero_counts(model, layers) == target  # drop and grow: each layer's count of active weights is kept
-    changed = [layer for layer in layers if not torch.equal(model[f"{layer}.weight_mask"],
-                                                            half["net"][f"{layer}.weight_mask"])]
+    changed = [
+        layer for layer in layers if not torch.equal(model[f"{layer}.weight_mask"], half["net"][f"{layer}.weight_mask"])
+    ]
     assert "psi.layers.0" in changed  # the masks went on changing after the resume (the bottleneck's at least)
     # ... from the half-way masks: each RigL update drops at most floor(d(t) * active) of a layer's active weights,
     # d(t) = 0.2 (1 + cos(pi min(t / 160, 1))) / 2, so at most their sum of the half-way active ones can be gone

@@ -13,7 +13,7 @@ from benchmark.scripts import load_script
 def test_random_play_on_catch_scores_as_a_random_policy(name):
     """Catch: -1 a miss, +1 a catch; a uniformly random paddle catches about a quarter of the balls."""
     module = load_script(name)
-    args = module.Args(env_backend="gymnasium", env_id="tests.catch_env:Catch-v0", frame_size=16, cuda=False)
+    args = module.Args(env_backend="gymnasium", env_id="toy_envs.catch:Catch-v0", frame_size=16, cuda=False)
     returns = random_play.random_returns(module, args, episodes=400, seed=3)
     assert returns.shape == (400,)
     assert set(np.unique(returns)) <= {-1.0, 1.0}  # exactly one game each: one reward of +-1, nothing after it

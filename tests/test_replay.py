@@ -32,8 +32,13 @@ def random_stream(steps, seed):
 
 def step_tensors(stream, t, device):
     """What the loop hands the replay at step t: every env's frame, action, reward, terminated, truncated."""
-    arrays = [np.stack([frame_of(t, e) for e in range(NUM_ENVS)]), stream["actions"][t], stream["rewards"][t],
-              stream["terminated"][t], stream["truncated"][t]]
+    arrays = [
+        np.stack([frame_of(t, e) for e in range(NUM_ENVS)]),
+        stream["actions"][t],
+        stream["rewards"][t],
+        stream["terminated"][t],
+        stream["truncated"][t],
+    ]
     return [torch.tensor(x, device=device) for x in arrays]
 
 
@@ -46,7 +51,7 @@ def expected_stack(stream, t, env):
     ends = stream["terminated"][:, env] | stream["truncated"][:, env]
     frames = []
     for back in range(STACK - 1, -1, -1):
-        visible = t - back >= 0 and not ends[max(t - back, 0):t].any()
+        visible = t - back >= 0 and not ends[max(t - back, 0) : t].any()
         frames.append(frame_of(t - back, env) if visible else np.zeros((2, 2), np.uint8))
     return np.stack(frames)
 
@@ -114,8 +119,9 @@ def test_batched_writes_equal_writes_one_step_at_a_time(capacity, device):
     ring wrap-arounds, for any chunking (the loop flushes before each update, so chunks follow the replay ratio)."""
     steps = 5 * capacity
     stream = random_stream(steps, seed=capacity)
-    one_at_a_time, batched = (gap.DeviceReplay(capacity * NUM_ENVS, NUM_ENVS, 2, STACK, N_STEP, GAMMA,
-                                               torch.device(device)) for _ in range(2))
+    one_at_a_time, batched = (
+        gap.DeviceReplay(capacity * NUM_ENVS, NUM_ENVS, 2, STACK, N_STEP, GAMMA, torch.device(device)) for _ in range(2)
+    )
     rng = np.random.default_rng(capacity)
     for replay in (one_at_a_time, batched):
         replay.max_priority.fill_(2.5)  # not the initial 1, so a slot left unset would show
@@ -129,8 +135,13 @@ def test_batched_writes_equal_writes_one_step_at_a_time(capacity, device):
             for replay in (one_at_a_time, batched):
                 replay.flush()
             for name in ["frames", "actions", "rewards", "terminal", "episode_end", "priorities"]:
-                torch.testing.assert_close(getattr(batched, name), getattr(one_at_a_time, name), rtol=0, atol=0,
-                                           msg=lambda m: f"{name} after step {t}: {m}")
+                torch.testing.assert_close(
+                    getattr(batched, name),
+                    getattr(one_at_a_time, name),
+                    rtol=0,
+                    atol=0,
+                    msg=lambda m: f"{name} after step {t}: {m}",
+                )
             assert (batched.cursor, batched.adds) == (one_at_a_time.cursor, one_at_a_time.adds)
     assert batched.max_staged == min(32, capacity - N_STEP - STACK)
 

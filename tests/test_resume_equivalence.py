@@ -9,15 +9,23 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from benchmark.scripts import ALL_SCRIPTS, load_script, training_parts
 
-NUM_ACTIONS = 3  # Catch's (tests/catch_env.py); any number does for these updates
+NUM_ACTIONS = 3  # Catch's (toy_envs/catch.py); any number does for these updates
 CASES = [(name, None) for name in ALL_SCRIPTS if name != "rainbow_pruned"]
 CASES += [("rainbow_pruned", "rigl"), ("rainbow_pruned", "gradual")]  # both ways the masks change while training
 
 
 def tiny_args(module, method):
     """Small and fast settings; the target network syncs and the masks change in both halves of the test."""
-    overrides = dict(frame_size=24, buffer_size=600, batch_size=8, learning_rate=1e-3, cuda=False,
-                     target_network_frequency=5, learning_starts=0, total_timesteps=20)
+    overrides = dict(
+        frame_size=24,
+        buffer_size=600,
+        batch_size=8,
+        learning_rate=1e-3,
+        cuda=False,
+        target_network_frequency=5,
+        learning_starts=0,
+        total_timesteps=20,
+    )
     if method is not None:
         # the schedule of a 20-step run: gradual pruning from step 1 to 16, masks updated every 2 updates
         overrides.update(method=method, sparsify="all", mask_update_every=2, rigl_update_every=2)
@@ -26,8 +34,17 @@ def tiny_args(module, method):
 
 def starting_loop(name, module, args) -> dict:
     """The loop dict main() starts with (and saves in its checkpoints, updated)."""
-    loop = dict(global_step=0, updates=0, iteration_returns=[], returns_by_iteration=[], last_return=None,
-                diagnostics_obs=None, wall_seconds=0.0, resumes=0, learning_from=args.learning_starts)
+    loop = dict(
+        global_step=0,
+        updates=0,
+        iteration_returns=[],
+        returns_by_iteration=[],
+        last_return=None,
+        diagnostics_obs=None,
+        wall_seconds=0.0,
+        resumes=0,
+        learning_from=args.learning_starts,
+    )
     if name in ("der_atari100k_gap", "rainbow_procgen_gap"):  # the scripts that evaluate every iteration
         loop.update(eval_by_iteration=[], eval_returns=[])
     if name == "rainbow_pruned":  # the schedule's agent steps, fixed when the run starts
@@ -41,8 +58,7 @@ def build_parts(name, module, args, loop, seed):
     parts = training_parts(module, args, torch.device("cpu"), NUM_ACTIONS)
     parts.pruner = None
     if name == "rainbow_pruned":
-        parts.pruner = module.Pruner(parts.net, parts.optimizer, args, loop["prune_start_step"],
-                                     loop["prune_end_step"])
+        parts.pruner = module.Pruner(parts.net, parts.optimizer, args, loop["prune_start_step"], loop["prune_end_step"])
         parts.target_net.load_state_dict(parts.net.state_dict())  # with the initial masks, as main() does
     return parts
 
@@ -72,9 +88,15 @@ def play(parts, args, loop, steps):
 
 def everything(parts, loop) -> dict:
     """All the state that the next updates depend on, and the random stream they will draw from."""
-    return dict(net=parts.net.state_dict(), target_net=parts.target_net.state_dict(),
-                optimizer=parts.optimizer.state_dict(), replay=parts.replay.state_dict(True),
-                global_step=loop["global_step"], updates=loop["updates"], torch_rng=torch.get_rng_state())
+    return dict(
+        net=parts.net.state_dict(),
+        target_net=parts.target_net.state_dict(),
+        optimizer=parts.optimizer.state_dict(),
+        replay=parts.replay.state_dict(True),
+        global_step=loop["global_step"],
+        updates=loop["updates"],
+        torch_rng=torch.get_rng_state(),
+    )
 
 
 def assert_bitwise_equal(actual, expected, where="state"):
@@ -113,8 +135,10 @@ def test_a_resumed_run_goes_on_exactly_as_the_uninterrupted_one(name, method, tm
 
     # the checkpoint, written and read back with the script's own functions, as main() does at a checkpoint step
     run_dir = str(tmp_path)
-    module.write_atomically(module.training_state(original.net, original.target_net, original.optimizer,
-                                                  original.replay, args, loop), f"{run_dir}/checkpoint.pt")
+    module.write_atomically(
+        module.training_state(original.net, original.target_net, original.optimizer, original.replay, args, loop),
+        f"{run_dir}/checkpoint.pt",
+    )
 
     play(original, args, loop, steps=6)  # the run that was not interrupted goes on
     expected = everything(original, loop)
@@ -137,9 +161,21 @@ def test_a_resumed_run_goes_on_exactly_as_the_uninterrupted_one(name, method, tm
 @pytest.mark.parametrize("name", ALL_SCRIPTS)
 def test_a_resume_keeps_the_events_logged_at_the_checkpoint_step(name, tmp_path):
     module = load_script(name)
-    common = dict(env_backend="gymnasium", env_id="tests.catch_env:Catch-v0", frame_size=16, learning_starts=10,
-                  train_frequency=1, buffer_size=200, batch_size=4, log_every=10, checkpoint_every=30,
-                  eval_episodes=0, progress_seconds=1e9, cuda=False, output_dir=str(tmp_path))
+    common = dict(
+        env_backend="gymnasium",
+        env_id="toy_envs.catch:Catch-v0",
+        frame_size=16,
+        learning_starts=10,
+        train_frequency=1,
+        buffer_size=200,
+        batch_size=4,
+        log_every=10,
+        checkpoint_every=30,
+        eval_episodes=0,
+        progress_seconds=1e9,
+        cuda=False,
+        output_dir=str(tmp_path),
+    )
     first = module.main(module.Args(total_timesteps=30, **common))
     module.main(module.Args(total_timesteps=60, resume=first["run_dir"], **common))
     events = EventAccumulator(first["run_dir"])

@@ -39,8 +39,13 @@ def brute_force(layer, tokens, noise=None):
     experts, slots = layer.num_experts, layer.num_slots
     out = torch.zeros(batch, num_tokens, dim, dtype=torch.float64)
     for b in range(batch):
-        logit = [[[sum(float(x[b, m, d]) * float(router[d, n, p]) for d in range(dim)) for p in range(slots)]
-                  for n in range(experts)] for m in range(num_tokens)]
+        logit = [
+            [
+                [sum(float(x[b, m, d]) * float(router[d, n, p]) for d in range(dim)) for p in range(slots)]
+                for n in range(experts)
+            ]
+            for m in range(num_tokens)
+        ]
         slot_out = {}
         for n in range(experts):
             w1, b1 = first_layer(layer.bottleneck, n, None if noise is None else (noise[0][b], noise[1][b]))
@@ -51,8 +56,7 @@ def brute_force(layer, tokens, noise=None):
                 slot_out[n, p] = hidden @ w2[n] + b2[n]
         for m in range(num_tokens):
             row = sum(math.exp(logit[m][n][p]) for n in range(experts) for p in range(slots))
-            out[b, m] = sum(math.exp(logit[m][n][p]) / row * slot_out[n, p]
-                            for n in range(experts) for p in range(slots))
+            out[b, m] = sum(math.exp(logit[m][n][p]) / row * slot_out[n, p] for n in range(experts) for p in range(slots))
     return out
 
 
@@ -68,8 +72,15 @@ def randomise_sigmas(layer):
 @pytest.mark.parametrize("experts,capacity_factor", [(1, 1.0), (2, 1.0), (3, 0.5)])
 def test_softmoe_matches_brute_force(experts, capacity_factor, normalize, noisy):
     torch.manual_seed(experts)
-    layer = softmoe.SoftMoE(token_dim=3, num_tokens=5, num_experts=experts, capacity_factor=capacity_factor,
-                            hidden=4, normalize=normalize, noisy=noisy).double()
+    layer = softmoe.SoftMoE(
+        token_dim=3,
+        num_tokens=5,
+        num_experts=experts,
+        capacity_factor=capacity_factor,
+        hidden=4,
+        normalize=normalize,
+        noisy=noisy,
+    ).double()
     if normalize:
         torch.nn.init.constant_(layer.router_scale, 1.7)
     assert layer.num_slots == math.ceil(5 * capacity_factor / experts)
@@ -80,8 +91,7 @@ def test_softmoe_matches_brute_force(experts, capacity_factor, normalize, noisy)
         layer.bottleneck.name = "experts"
         eps_in, eps_out = layer.bottleneck.sample_noise(2)
         noise = {"experts": (eps_in.double(), eps_out.double())}
-        torch.testing.assert_close(layer(tokens, noise), brute_force(layer, tokens, noise["experts"]), rtol=1e-9,
-                                   atol=1e-9)
+        torch.testing.assert_close(layer(tokens, noise), brute_force(layer, tokens, noise["experts"]), rtol=1e-9, atol=1e-9)
 
 
 def test_noisy_expert_layer_matches_a_per_sample_loop():
@@ -164,8 +174,9 @@ def test_network_noise_reaches_the_experts_and_none_means_mean_weights():
 
 def test_dispatch_and_combine_are_distributions_and_tokens_are_equivariant():
     torch.manual_seed(0)
-    layer = softmoe.SoftMoE(token_dim=8, num_tokens=10, num_experts=2, capacity_factor=1.0, hidden=16,
-                            normalize=False, noisy=False).double()
+    layer = softmoe.SoftMoE(
+        token_dim=8, num_tokens=10, num_experts=2, capacity_factor=1.0, hidden=16, normalize=False, noisy=False
+    ).double()
     tokens = torch.randn(4, 10, 8, dtype=torch.float64)
     dispatch, combine = layer.routing(tokens)
     torch.testing.assert_close(dispatch.sum(1), torch.ones(4, 2, 5, dtype=torch.float64))  # over tokens, per slot

@@ -9,8 +9,13 @@ from benchmark.speed import COLUMNS
 
 
 def test_quick_speed_table(tmp_path):
-    result = subprocess.run([sys.executable, "benchmark/speed.py", "--quick", "--no-cuda", "--out", str(tmp_path)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "benchmark/speed.py", "--quick", "--no-cuda", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader(open(tmp_path / "speed.csv")))
     assert list(rows[0]) == COLUMNS

@@ -4,24 +4,25 @@ interrupted runs resumed."""
 import glob
 import json
 import os
-import subprocess
-import sys
 
 from benchmark import sweep
-from benchmark.scripts import ROOT
-
-CATCH_RUN = ("env_backend=gymnasium frame_size=24 total_timesteps=150 learning_starts=100 buffer_size=500 no-cuda "
-             "progress_seconds=1e9 checkpoint_every=150")
-
-
-def run_sweep(*flags):
-    return subprocess.run([sys.executable, "benchmark/sweep.py", *flags], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+from tests.helpers import CATCH_RUN, run_sweep
 
 
 def test_dry_run_prints_the_whole_grid(tmp_path):
-    result = run_sweep("--games", "paper20", "--seeds", "1", "2", "--arg-sets", "pooling=flatten", "pooling=gap",
-                       "--out", str(tmp_path), "--dry-run")
+    result = run_sweep(
+        "--games",
+        "paper20",
+        "--seeds",
+        "1",
+        "2",
+        "--arg-sets",
+        "pooling=flatten",
+        "pooling=gap",
+        "--out",
+        str(tmp_path),
+        "--dry-run",
+    )
     assert result.returncode == 0, result.stderr
     commands = [line for line in result.stdout.splitlines() if "rainbow_impala_gap.py" in line]
     assert len(commands) == 20 * 2 * 2
@@ -30,8 +31,20 @@ def test_dry_run_prints_the_whole_grid(tmp_path):
 
 
 def test_local_sweep_reports_failures_skips_finished_runs_and_resumes(tmp_path):
-    flags = ["--games", "tests.catch_env:Catch-v0", "--seeds", "1", "2", "--arg-sets", f"{CATCH_RUN} scale=1",
-             f"{CATCH_RUN} scale=0", "--workers", "2", "--out", str(tmp_path)]
+    flags = [
+        "--games",
+        "toy_envs.catch:Catch-v0",
+        "--seeds",
+        "1",
+        "2",
+        "--arg-sets",
+        f"{CATCH_RUN} scale=1",
+        f"{CATCH_RUN} scale=0",
+        "--workers",
+        "2",
+        "--out",
+        str(tmp_path),
+    ]
     result = run_sweep(*flags)
     assert result.returncode == 1
     assert "2 of 4 runs finished" in result.stdout
@@ -41,11 +54,12 @@ def test_local_sweep_reports_failures_skips_finished_runs_and_resumes(tmp_path):
     assert len(summaries) == 2 and {json.load(open(s))["seed"] for s in summaries} == {1, 2}
 
     again = run_sweep(*flags, "--dry-run")
-    assert "2 runs to do" in again.stdout and "--scale 1 " not in again.stdout and "--scale 0" in again.stdout  # finished runs are skipped
+    assert (
+        "2 runs to do" in again.stdout and "--scale 1 " not in again.stdout and "--scale 0" in again.stdout
+    )  # finished runs are skipped
 
     os.remove(summaries[0])  # as if killed after its last checkpoint
-    args = sweep.Args(games=["tests.catch_env:Catch-v0"], seeds=[1, 2], arg_sets=[f"{CATCH_RUN} scale=1"],
-                      out=str(tmp_path))
+    args = sweep.Args(games=["toy_envs.catch:Catch-v0"], seeds=[1, 2], arg_sets=[f"{CATCH_RUN} scale=1"], out=str(tmp_path))
     (resumed,) = sweep.plan(args)
     assert resumed.resume and resumed.command[-2] == "--resume"
     assert sweep.main(args) == 0 and os.path.exists(summaries[0])
@@ -54,8 +68,22 @@ def test_local_sweep_reports_failures_skips_finished_runs_and_resumes(tmp_path):
 def test_slurm_dry_run_script_checkpoints_before_the_time_limit_and_requeues(tmp_path):
     """No cluster needed: --dry-run prints the sbatch script. A task is told SIGUSR1 --signal-seconds before its time
     limit (B: to the batch shell, which execs the task's python, which forwards it to the run), and may be requeued."""
-    result = run_sweep("--games", "Pong", "Breakout", "--seeds", "1", "--backend", "slurm", "--time-limit", "1:00:00",
-                       "--signal-seconds", "240", "--out", str(tmp_path), "--dry-run")
+    result = run_sweep(
+        "--games",
+        "Pong",
+        "Breakout",
+        "--seeds",
+        "1",
+        "--backend",
+        "slurm",
+        "--time-limit",
+        "1:00:00",
+        "--signal-seconds",
+        "240",
+        "--out",
+        str(tmp_path),
+        "--dry-run",
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert "#SBATCH --signal=B:USR1@240" in lines

@@ -12,20 +12,22 @@ import time
 import pytest
 
 from benchmark import sweep
+from tests.helpers import CATCH_RUN, run_sweep
 from tests.slurm_cluster import SlurmCluster, SlurmError, as_root, install
-from tests.test_sweep import CATCH_RUN, run_sweep
 
-CATCH_GAME = ["--games", "tests.catch_env:Catch-v0"]
-SLURM_FLAGS = ["--backend", "slurm", "--partition", "debug", "--cpus-per-task", "1", "--mem", "200M",
-               "--time-limit", "10:00"]
+CATCH_GAME = ["--games", "toy_envs.catch:Catch-v0"]
+SLURM_FLAGS = ["--backend", "slurm", "--partition", "debug", "--cpus-per-task", "1", "--mem", "200M", "--time-limit", "10:00"]
 # no updates (learning never starts): a few thousand steps a second, long enough to be signalled while it runs
-LONG_RUN = ("env_backend=gymnasium frame_size=24 total_timesteps=30000 learning_starts=1000000 buffer_size=500 "
-            "no-cuda progress_seconds=0.2 checkpoint_every=1000000")
+LONG_RUN = (
+    "env_backend=gymnasium frame_size=24 total_timesteps=30000 learning_starts=1000000 buffer_size=500 "
+    "no-cuda progress_seconds=0.2 checkpoint_every=1000000"
+)
 
 
 # Opt-in: these tests install Slurm and munge with apt-get where missing and start daemons, which a plain
 # `python -m pytest` must not do. .ci/run sets the variable.
 OPT_IN = "CLEANRL_GAP_SLURM_TESTS"
+pytestmark = pytest.mark.xdist_group("slurm")  # one cluster for them all: one pytest-xdist worker runs them
 
 
 @pytest.fixture(scope="session")
@@ -70,8 +72,17 @@ def wait_for_job(slurm: SlurmCluster, job_id: str, timeout: float = 150) -> None
 
 
 def test_slurm_sweep_runs_the_grid_reports_failures_and_skips_finished_runs(slurm_env, tmp_path):
-    flags = [*CATCH_GAME, "--seeds", "1", "2", "--arg-sets", f"{CATCH_RUN} scale=1", f"{CATCH_RUN} scale=0",
-             "--out", str(tmp_path)]
+    flags = [
+        *CATCH_GAME,
+        "--seeds",
+        "1",
+        "2",
+        "--arg-sets",
+        f"{CATCH_RUN} scale=1",
+        f"{CATCH_RUN} scale=0",
+        "--out",
+        str(tmp_path),
+    ]
     job_id = submitted_job(run_sweep(*flags, *SLURM_FLAGS))
     script = open(tmp_path / "slurm" / "submission-1.sh").read()
     assert "#SBATCH --array=0-3" in script and "#SBATCH --requeue" in script and "#SBATCH --mem=200M" in script
@@ -95,14 +106,19 @@ def test_slurm_sweep_runs_the_grid_reports_failures_and_skips_finished_runs(slur
     assert "#SBATCH --array=0-1" in open(tmp_path / "slurm" / "submission-2.sh").read()
 
 
-@pytest.mark.parametrize("stop, signal_name, requeued_by_task", [
-    (["scancel", "--signal=USR1", "--batch"], "SIGUSR1", True),  # what Slurm sends before the time limit
-    (["scontrol", "requeue"], "SIGTERM", False),  # as a preemption: SIGTERM to every process, Slurm requeues
-], ids=["usr1-before-time-limit", "scontrol-requeue"])
+@pytest.mark.parametrize(
+    "stop, signal_name, requeued_by_task",
+    [
+        (["scancel", "--signal=USR1", "--batch"], "SIGUSR1", True),  # what Slurm sends before the time limit
+        (["scontrol", "requeue"], "SIGTERM", False),  # as a preemption: SIGTERM to every process, Slurm requeues
+    ],
+    ids=["usr1-before-time-limit", "scontrol-requeue"],
+)
 def test_a_stopped_task_checkpoints_is_requeued_and_resumes(slurm_env, tmp_path, stop, signal_name, requeued_by_task):
-    job_id = submitted_job(run_sweep(*CATCH_GAME, "--seeds", "1", "--arg-sets", LONG_RUN, "--out", str(tmp_path),
-                                     *SLURM_FLAGS))
-    folder = sweep.run_folder(str(tmp_path), ("tests.catch_env:Catch-v0", LONG_RUN, 1))
+    job_id = submitted_job(
+        run_sweep(*CATCH_GAME, "--seeds", "1", "--arg-sets", LONG_RUN, "--out", str(tmp_path), *SLURM_FLAGS)
+    )
+    folder = sweep.run_folder(str(tmp_path), ("toy_envs.catch:Catch-v0", LONG_RUN, 1))
     log = os.path.join(folder, "log.txt")
     deadline = time.time() + 60
     while not (os.path.exists(log) and "step " in open(log).read()) and time.time() < deadline:

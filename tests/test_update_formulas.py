@@ -17,16 +17,15 @@ import pytest
 import torch
 
 from benchmark.scripts import load_script
-from tests.test_c51 import brute_force_projection
+from tests.helpers import brute_force_projection
 
 gap = load_script("rainbow_impala_gap")
 STEPS, CAPACITY, NUM_ACTIONS, BATCH = 40, 64, 3, 8
 TERMINALS = [9, 17, 24, 31]  # steps whose transition ends an episode: many sampled windows are cut short
-AGENTS = {"full_rainbow": dict(),  # the script's default, labs/moes full_rainbow.gin: noisy, dueling, double DQN
-          "core_rainbow": dict(noisy=False, dueling=False, double_dqn=False)}  # Dopamine's rainbow.gin agent
-
-
-pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
+AGENTS = {
+    "full_rainbow": dict(),  # the script's default, labs/moes full_rainbow.gin: noisy, dueling, double DQN
+    "core_rainbow": dict(noisy=False, dueling=False, double_dqn=False),
+}  # Dopamine's rainbow.gin agent
 
 
 def tiny_args(**overrides) -> "gap.Args":
@@ -47,12 +46,15 @@ def known_stream(args) -> SimpleNamespace:
 def hand_built_replay(stream, args) -> "gap.DeviceReplay":
     """The stream written step by step, then every sampleable slot given its own priority (so the importance weights
     differ), the rest left at zero."""
-    replay = gap.DeviceReplay(CAPACITY, 1, args.frame_size, args.frame_stack, args.n_step, args.gamma,
-                              torch.device("cpu"))
+    replay = gap.DeviceReplay(CAPACITY, 1, args.frame_size, args.frame_stack, args.n_step, args.gamma, torch.device("cpu"))
     for t in range(STEPS):
-        replay.add(torch.tensor(stream.frames[t:t + 1]), torch.tensor(stream.actions[t:t + 1]),
-                   torch.tensor(stream.rewards[t:t + 1]), torch.tensor(stream.terminal[t:t + 1]),
-                   torch.zeros(1, dtype=torch.bool))
+        replay.add(
+            torch.tensor(stream.frames[t : t + 1]),
+            torch.tensor(stream.actions[t : t + 1]),
+            torch.tensor(stream.rewards[t : t + 1]),
+            torch.tensor(stream.terminal[t : t + 1]),
+            torch.zeros(1, dtype=torch.bool),
+        )
     replay.flush()
     sampleable = replay.priorities > 0
     assert sampleable.sum() == STEPS - args.n_step  # every slot whose n-step future is written
@@ -146,10 +148,20 @@ def run_one_update(agent: dict, max_priority: float = 1.0) -> SimpleNamespace:
     weights = probs**-0.5 / (probs**-0.5).max()
     (weights * cross_entropy).mean().backward()
 
-    return SimpleNamespace(args=args, net=net, net_before=net_before, replay=replay, stats=stats,
-                           slots=slots, priorities_before=priorities_before, cross_entropy=cross_entropy.detach(),
-                           q_taken=(chosen.detach().softmax(-1) * net_before.support.double()).sum(-1),
-                           stream=stream, next_actions=next_actions, greedy_target_actions=greedy_target_actions)
+    return SimpleNamespace(
+        args=args,
+        net=net,
+        net_before=net_before,
+        replay=replay,
+        stats=stats,
+        slots=slots,
+        priorities_before=priorities_before,
+        cross_entropy=cross_entropy.detach(),
+        q_taken=(chosen.detach().softmax(-1) * net_before.support.double()).sum(-1),
+        stream=stream,
+        next_actions=next_actions,
+        greedy_target_actions=greedy_target_actions,
+    )
 
 
 @pytest.mark.parametrize("agent", AGENTS.values(), ids=AGENTS.keys())
@@ -165,8 +177,9 @@ def test_new_priorities_are_sqrt_cross_entropy_on_the_sampled_slots_only(agent):
     untouched[run.slots] = False
     assert torch.equal(run.replay.priorities[untouched], run.priorities_before[untouched])
     # the loss statistics the loop logs: the unweighted mean cross-entropy and the mean Q of the taken actions
-    torch.testing.assert_close(run.stats.double(), torch.stack([run.cross_entropy.mean(), run.q_taken.mean()]),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        run.stats.double(), torch.stack([run.cross_entropy.mean(), run.q_taken.mean()]), rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("agent", AGENTS.values(), ids=AGENTS.keys())
@@ -177,7 +190,7 @@ def test_the_batch_exercises_terminals_and_the_double_dqn_choice(agent):
     run = run_one_update(agent)
     discounts = [hand_return(run.stream, t, run.args)[1] for t in run.slots]
     assert run.args.gamma**run.args.n_step in discounts
-    cut_early = [t for t in run.slots if run.stream.terminal[t:t + run.args.n_step - 1].any()]
+    cut_early = [t for t in run.slots if run.stream.terminal[t : t + run.args.n_step - 1].any()]
     assert cut_early
     zero_padded = [t for t in run.slots if not hand_stack(run.stream, t, run.args)[0].any()]
     assert zero_padded
@@ -246,9 +259,20 @@ def test_target_network_syncs_every_n_agent_steps_not_updates(tmp_path, monkeypa
     monkeypatch.setattr(gap, "QNetwork", RecordingQNetwork)
     monkeypatch.setattr(gap, "make_env", counting_make_env)
     monkeypatch.setattr(gap, "make_update", counting_make_update)
-    args = gap.Args(env_backend="gymnasium", env_id="tests.catch_env:Catch-v0", frame_size=16, total_timesteps=100,
-                    learning_starts=20, buffer_size=200, batch_size=8, train_frequency=2, target_network_frequency=30,
-                    progress_seconds=1e9, cuda=False, output_dir=str(tmp_path))
+    args = gap.Args(
+        env_backend="gymnasium",
+        env_id="toy_envs.catch:Catch-v0",
+        frame_size=16,
+        total_timesteps=100,
+        learning_starts=20,
+        buffer_size=200,
+        batch_size=8,
+        train_frequency=2,
+        target_network_frequency=30,
+        progress_seconds=1e9,
+        cuda=False,
+        output_dir=str(tmp_path),
+    )
     summary = gap.main(args)
     assert summary["updates"] == counts.updates == (100 - 20) // 2
     assert syncs == [(0, 0), (30, 5), (60, 20), (90, 35)]

@@ -1,8 +1,9 @@
-"""Catch: a tiny pixel environment for learning tests (after Osband et al.'s bsuite catch).
+"""Catch: a tiny pixel environment for a first run and the learning tests (after Osband et al.'s bsuite catch).
 
 A ball falls one row per step from a random column of a ROWS x COLUMNS board; the agent moves a paddle on the
 bottom row left, not at all, or right. Reward +1 for a catch, -1 for a miss, at the last step. Observations are
-uint8 images (ROWS*CELL x COLUMNS*CELL), so the scripts treat it as any pixel env (`tests.catch_env:Catch-v0`).
+uint8 images (ROWS*CELL x COLUMNS*CELL), so the scripts treat it as any pixel env:
+`--env-backend gymnasium --env-id toy_envs.catch:Catch-v0`.
 A uniformly random policy catches about a quarter of the balls (mean return about -0.5); a good one all of them.
 """
 

@@ -52,15 +52,15 @@ the replay, and acting uses weights one update older than Dopamine's.
 """
 
 import json
-import os
 import math
+import os
 import random
 import signal
 import sys
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal, Optional
 
 import numpy as np
@@ -68,6 +68,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
+from PIL import Image
+from tensorboard.compat.proto.summary_pb2 import Summary
 from torch.utils.tensorboard import SummaryWriter
 
 
@@ -200,6 +202,10 @@ class Args:
     """agent steps between reads of the device-side loss statistics"""
     progress_seconds: float = 10.0
     """seconds between progress lines"""
+    capture_video: bool = False
+    """save one episode of each evaluation as an animated GIF, videos/eval_step{step}.gif in the run folder, and in
+    TensorBoard's images (`eval/video`): the frames the agent sees, at most VIDEO_MAX_FRAMES (3,000); with
+    --eval-episodes 0, one episode played as evaluation plays, at the end"""
 
 
 BAD_INPUT, DIVERGED, PREEMPTED = 2, 3, 75  # exit codes; 75 (EX_TEMPFAIL): checkpointed on SIGTERM/SIGUSR1, resume it
@@ -212,36 +218,76 @@ def fail(message: str, code: int = BAD_INPUT):
 
 
 def validate_args(args: Args):
-    for name in ["num_envs", "frame_size", "frame_stack", "frame_skip", "max_episode_frames", "scale", "v_max",
-                 "encoder_scale", "total_timesteps", "iteration_steps", "buffer_size", "n_step", "batch_size",
-                 "train_frequency", "target_network_frequency", "learning_rate", "adam_eps", "diagnostics_every",
-                 "diagnostics_batch_size", "log_every"]:
+    for name in [
+        "num_envs",
+        "frame_size",
+        "frame_stack",
+        "frame_skip",
+        "max_episode_frames",
+        "scale",
+        "v_max",
+        "encoder_scale",
+        "total_timesteps",
+        "iteration_steps",
+        "buffer_size",
+        "n_step",
+        "batch_size",
+        "train_frequency",
+        "target_network_frequency",
+        "learning_rate",
+        "adam_eps",
+        "diagnostics_every",
+        "diagnostics_batch_size",
+        "log_every",
+    ]:
         if not getattr(args, name) > 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ["extra_dense_layers", "learning_starts", "eval_episodes", "weight_decay", "checkpoint_every",
-                 "noop_max"]:
+    for name in ["extra_dense_layers", "learning_starts", "eval_episodes", "weight_decay", "checkpoint_every", "noop_max"]:
         if getattr(args, name) < 0:
             fail(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
     if args.num_atoms < 2 or not 0.0 <= args.gamma <= 1.0 or not 0.0 <= args.sticky_action_prob <= 1.0:
         fail("--num-atoms must be at least 2, --gamma and --sticky-action-prob within [0, 1]")
-    if args.encoder_extra_blocks < 0 or args.encoder_blocks < 0 or (
-            (args.encoder_extra_blocks or args.encoder_blocks != 2) and args.encoder != "impala"):
+    if (
+        args.encoder_extra_blocks < 0
+        or args.encoder_blocks < 0
+        or ((args.encoder_extra_blocks or args.encoder_blocks != 2) and args.encoder != "impala")
+    ):
         fail("--encoder-blocks and --encoder-extra-blocks must not be negative, and they shape only the Impala encoder")
     if args.buffer_size // args.num_envs <= args.n_step + args.frame_stack:
-        fail(f"--buffer-size {args.buffer_size} is too small for {args.num_envs} envs, n-step {args.n_step} "
-             f"and a stack of {args.frame_stack}")
+        fail(
+            f"--buffer-size {args.buffer_size} is too small for {args.num_envs} envs, n-step {args.n_step} "
+            f"and a stack of {args.frame_stack}"
+        )
 
 
 # random and human scores of the 26 games (the table rliable uses), for the human-normalised score
 ATARI_100K_SCORES = {
-    "Alien": (227.8, 7127.7), "Amidar": (5.8, 1719.5), "Assault": (222.4, 742.0), "Asterix": (210.0, 8503.3),
-    "BankHeist": (14.2, 753.1), "BattleZone": (2360.0, 37187.5), "Boxing": (0.1, 12.1), "Breakout": (1.7, 30.5),
-    "ChopperCommand": (811.0, 7387.8), "CrazyClimber": (10780.5, 35829.4), "DemonAttack": (152.1, 1971.0),
-    "Freeway": (0.0, 29.6), "Frostbite": (65.2, 4334.7), "Gopher": (257.6, 2412.5), "Hero": (1027.0, 30826.4),
-    "Jamesbond": (29.0, 302.8), "Kangaroo": (52.0, 3035.0), "Krull": (1598.0, 2665.5),
-    "KungFuMaster": (258.5, 22736.3), "MsPacman": (307.3, 6951.6), "Pong": (-20.7, 14.6),
-    "PrivateEye": (24.9, 69571.3), "Qbert": (163.9, 13455.0), "RoadRunner": (11.5, 7845.0),
-    "Seaquest": (68.4, 42054.7), "UpNDown": (533.4, 11693.2),
+    "Alien": (227.8, 7127.7),
+    "Amidar": (5.8, 1719.5),
+    "Assault": (222.4, 742.0),
+    "Asterix": (210.0, 8503.3),
+    "BankHeist": (14.2, 753.1),
+    "BattleZone": (2360.0, 37187.5),
+    "Boxing": (0.1, 12.1),
+    "Breakout": (1.7, 30.5),
+    "ChopperCommand": (811.0, 7387.8),
+    "CrazyClimber": (10780.5, 35829.4),
+    "DemonAttack": (152.1, 1971.0),
+    "Freeway": (0.0, 29.6),
+    "Frostbite": (65.2, 4334.7),
+    "Gopher": (257.6, 2412.5),
+    "Hero": (1027.0, 30826.4),
+    "Jamesbond": (29.0, 302.8),
+    "Kangaroo": (52.0, 3035.0),
+    "Krull": (1598.0, 2665.5),
+    "KungFuMaster": (258.5, 22736.3),
+    "MsPacman": (307.3, 6951.6),
+    "Pong": (-20.7, 14.6),
+    "PrivateEye": (24.9, 69571.3),
+    "Qbert": (163.9, 13455.0),
+    "RoadRunner": (11.5, 7845.0),
+    "Seaquest": (68.4, 42054.7),
+    "UpNDown": (533.4, 11693.2),
 }
 
 
@@ -280,11 +326,23 @@ class EnvpoolAtari:
         # noop_max=1: envpool 1.2.5 crashes with 0, and with 1 it takes exactly one no-op frame at each reset (the one
         # frame more than Dopamine); the drawn no-op steps follow in _noop_start
         self.envs = envpool.make(
-            env_id, env_type="gymnasium", num_envs=num_envs, seed=seed, img_height=args.frame_size,
-            img_width=args.frame_size, stack_num=1, gray_scale=True, frame_skip=args.frame_skip,
-            repeat_action_probability=args.sticky_action_prob, noop_max=1, use_fire_reset=False,
-            episodic_life=False, reward_clip=False, full_action_space=False,
-            max_episode_steps=args.max_episode_frames // args.frame_skip)
+            env_id,
+            env_type="gymnasium",
+            num_envs=num_envs,
+            seed=seed,
+            img_height=args.frame_size,
+            img_width=args.frame_size,
+            stack_num=1,
+            gray_scale=True,
+            frame_skip=args.frame_skip,
+            repeat_action_probability=args.sticky_action_prob,
+            noop_max=1,
+            use_fire_reset=False,
+            episodic_life=False,
+            reward_clip=False,
+            full_action_space=False,
+            max_episode_steps=args.max_episode_frames // args.frame_skip,
+        )
         self.num_actions = int(self.envs.action_space.n)
         self.frames_per_step = args.frame_skip
         self.noop_max, self.noop_rng = args.noop_max, np.random.default_rng(seed)
@@ -323,8 +381,7 @@ class EnvpoolAtari:
         for i in np.flatnonzero(terminated | truncated):  # envpool would reset on the next step, ignoring its action
             reset_obs, reset_info = self.envs.reset(np.array([i]))
             frames[i] = self._noop_start(i, reset_obs[0, 0], reset_info["lives"][0])
-        return (frames, rewards.astype(np.float32), terminated.astype(bool), truncated.astype(bool),
-                life_lost.astype(bool))
+        return (frames, rewards.astype(np.float32), terminated.astype(bool), truncated.astype(bool), life_lost.astype(bool))
 
     def close(self):
         self.envs.close()
@@ -337,9 +394,17 @@ class GymnasiumPixels:
     def __init__(self, env_id: str, num_envs: int, seed: int, args: Args, is_ale: bool):
         import gymnasium as gym
 
-        kwargs = {} if not is_ale else dict(
-            frameskip=1, repeat_action_probability=args.sticky_action_prob, obs_type="grayscale",
-            full_action_space=False, max_num_frames_per_episode=args.max_episode_frames)
+        kwargs = (
+            {}
+            if not is_ale
+            else dict(
+                frameskip=1,
+                repeat_action_probability=args.sticky_action_prob,
+                obs_type="grayscale",
+                full_action_space=False,
+                max_num_frames_per_episode=args.max_episode_frames,
+            )
+        )
         self.envs = [gym.make(env_id, **kwargs) for _ in range(num_envs)]
         self.skip = self.frames_per_step = args.frame_skip if is_ale else 1
         self.size, self.seed, self.num_actions = args.frame_size, seed, int(self.envs[0].action_space.n)
@@ -419,8 +484,8 @@ def make_env(args: Args, num_envs: Optional[int] = None, seed: Optional[int] = N
             fail(f"'{args.env_id}' is not a pixel-based Atari env; this script needs image observations")
         return EnvpoolAtari(env_id, num_envs, seed, args)
 
-    import gymnasium as gym
     import ale_py
+    import gymnasium as gym
 
     gym.register_envs(ale_py)
     if ":" in env_id and os.getcwd() not in sys.path:
@@ -435,8 +500,11 @@ def make_env(args: Args, num_envs: Optional[int] = None, seed: Optional[int] = N
     probe.close()
     if not isinstance(action_space, gym.spaces.Discrete):
         fail(f"'{args.env_id}' has {type(action_space).__name__} actions; this script needs discrete actions")
-    if not (isinstance(obs_space, gym.spaces.Box) and obs_space.dtype == np.uint8 and (
-            len(obs_space.shape) == 2 or (len(obs_space.shape) == 3 and obs_space.shape[-1] in (1, 3, 4)))):
+    if not (
+        isinstance(obs_space, gym.spaces.Box)
+        and obs_space.dtype == np.uint8
+        and (len(obs_space.shape) == 2 or (len(obs_space.shape) == 3 and obs_space.shape[-1] in (1, 3, 4)))
+    ):
         fail(f"'{args.env_id}' does not give uint8 image observations (HxW or HxWxC), got {obs_space}")
     return GymnasiumPixels(env_id, num_envs, seed, args, is_ale=env_id.startswith("ALE/"))
 
@@ -547,6 +615,7 @@ class NoisyLinear(nn.Module):
 
     def sample_noise(self, rows: int):
         """(eps_in, eps_out) of shapes (rows, in) and (rows, out): f(N(0, 1)), f(e) = sign(e) sqrt(|e|)."""
+
         def scaled(shape):
             e = torch.randn(shape, device=self.weight.device)
             return e.sign() * e.abs().sqrt()
@@ -669,8 +738,12 @@ def dormant_fractions(net: QNetwork, obs: torch.Tensor, tau: float) -> dict:
     its mean |activation| over the batch, divided by its layer's average, is at most tau. Noisy layers use their
     mean weights."""
     activations = {"phi": [], "psi": []}
-    hooks = [module.register_forward_hook(lambda m, i, o, part=part: activations[part].append(o))
-             for part in ("phi", "psi") for module in getattr(net, part).modules() if isinstance(module, nn.ReLU)]
+    hooks = [
+        module.register_forward_hook(lambda m, i, o, part=part: activations[part].append(o))
+        for part in ("phi", "psi")
+        for module in getattr(net, part).modules()
+        if isinstance(module, nn.ReLU)
+    ]
     net(obs)
     for hook in hooks:
         hook.remove()
@@ -691,8 +764,9 @@ class DeviceReplay:
     def bytes_needed(buffer_size: int, frame_size: int) -> int:
         return buffer_size * (frame_size * frame_size + 4 + 4 + 1 + 1 + 4)
 
-    def __init__(self, buffer_size: int, num_envs: int, frame_size: int, stack: int, n_step: int, gamma: float,
-                 device: torch.device):
+    def __init__(
+        self, buffer_size: int, num_envs: int, frame_size: int, stack: int, n_step: int, gamma: float, device: torch.device
+    ):
         self.num_envs, self.capacity = num_envs, buffer_size // num_envs
         self.stack, self.n_step, self.device = stack, n_step, device
         size = self.num_envs * self.capacity
@@ -716,7 +790,7 @@ class DeviceReplay:
         written together by flush(), a few launches for many steps (on a GPU, small launches cost more than their
         work); every read (sample, state_dict, end_streams) flushes first, so what they see is the same."""
         self.staged.append((frames, actions.to(torch.int32, copy=True), rewards, terminated, truncated))  # a copy:
-        self.adds += 1                             # the graphed action selection reuses its output tensor
+        self.adds += 1  # the graphed action selection reuses its output tensor
         if len(self.staged) >= self.max_staged:
             self.flush()
 
@@ -726,7 +800,8 @@ class DeviceReplay:
         if steps == 0:
             return
         frames, actions, rewards, terminated, truncated = (
-            field[0].unsqueeze(0) if steps == 1 else torch.stack(field) for field in zip(*self.staged))
+            field[0].unsqueeze(0) if steps == 1 else torch.stack(field) for field in zip(*self.staged)
+        )
         self.staged = []
         offset = self.env_offset.unsqueeze(0)
         slot = offset + (self.cursor + torch.arange(steps, device=self.device).unsqueeze(1)) % self.capacity
@@ -772,7 +847,9 @@ class DeviceReplay:
         last = self.env_offset + (self.cursor - 1) % self.capacity
         running = ~self.terminal[last]
         self.episode_end[last] = True
-        window = self.env_offset.unsqueeze(1) + (self.cursor - 1 - torch.arange(self.n_step, device=self.device)) % self.capacity
+        window = (
+            self.env_offset.unsqueeze(1) + (self.cursor - 1 - torch.arange(self.n_step, device=self.device)) % self.capacity
+        )
         self.priorities[window] = torch.where(running.unsqueeze(1), 0.0, self.priorities[window])
 
     def _stacks(self, index: torch.Tensor) -> torch.Tensor:
@@ -793,8 +870,11 @@ class DeviceReplay:
         block_sums = blocks.sum(1, dtype=torch.float64)
         cumulative = block_sums.cumsum(0)
         total = cumulative[-1]
-        targets = (torch.arange(batch_size, device=self.device) + torch.rand(batch_size, device=self.device,
-                   dtype=torch.float64)) / batch_size * total
+        targets = (
+            (torch.arange(batch_size, device=self.device) + torch.rand(batch_size, device=self.device, dtype=torch.float64))
+            / batch_size
+            * total
+        )
         targets = torch.minimum(targets, total * (1 - 1e-9))
         block = torch.searchsorted(cumulative, targets.unsqueeze(1), right=True).squeeze(1).clamp(max=self.num_blocks - 1)
         residual = targets - (cumulative[block] - block_sums[block])
@@ -805,15 +885,23 @@ class DeviceReplay:
 
         env = index // self.capacity
         steps = torch.arange(self.n_step, device=self.device)
-        window = (index.unsqueeze(1) - env.unsqueeze(1) * self.capacity + steps) % self.capacity + env.unsqueeze(1) * self.capacity
+        window = (index.unsqueeze(1) - env.unsqueeze(1) * self.capacity + steps) % self.capacity + env.unsqueeze(
+            1
+        ) * self.capacity
         ends = self.episode_end[window].float()
         alive = torch.cat([torch.ones_like(ends[:, :1]), torch.cumprod(1.0 - ends, 1)[:, :-1]], 1)
         returns = (self.rewards[window] * alive * self.discounts[:-1]).sum(1)
         not_done = torch.cumprod(1.0 - ends, 1)[:, -1]
         next_index = (index - env * self.capacity + self.n_step) % self.capacity + env * self.capacity
-        return dict(index=index, obs=self._stacks(index), actions=self.actions[index].long(), returns=returns,
-                    discounts=self.discounts[-1] * not_done, next_obs=self._stacks(next_index),
-                    probs=(self.priorities[index] / total).float())
+        return dict(
+            index=index,
+            obs=self._stacks(index),
+            actions=self.actions[index].long(),
+            returns=returns,
+            discounts=self.discounts[-1] * not_done,
+            next_obs=self._stacks(next_index),
+            probs=(self.priorities[index] / total).float(),
+        )
 
     def update_priorities(self, index: torch.Tensor, priorities: torch.Tensor):
         self.priorities[index] = priorities
@@ -830,8 +918,10 @@ def check_replay_fits(args: Args, device: torch.device):
     where = f"{device.type} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu (host RAM)"
     print(f"replay: {args.buffer_size:,} transitions, {needed / 1e9:.2f} GB on {where}, {free / 1e9:.1f} GB free")
     if needed > 0.9 * free:
-        fail(f"the replay needs {needed / 1e9:.2f} GB but only {free / 1e9:.1f} GB is free on {where}; "
-             f"lower --buffer-size (each transition takes {needed / args.buffer_size:.0f} bytes)")
+        fail(
+            f"the replay needs {needed / 1e9:.2f} GB but only {free / 1e9:.1f} GB is free on {where}; "
+            f"lower --buffer-size (each transition takes {needed / args.buffer_size:.0f} bytes)"
+        )
 
 
 # Training
@@ -879,13 +969,20 @@ def c51_losses(net: QNetwork, target_net: QNetwork, batch: dict, double_dqn: boo
 def make_optimizer(net: QNetwork, args: Args) -> torch.optim.Optimizer:
     """Adam (AdamW with weight_decay 0 is Adam), the fused kernel: one launch instead of dozens on CUDA, and on a CPU
     five times faster than the per-tensor loop over a flattened bottleneck's millions of weights."""
-    return torch.optim.AdamW(net.parameters(), lr=args.learning_rate, eps=args.adam_eps, weight_decay=args.weight_decay,
-                             fused=True, capturable=args.cudagraphs)
+    return torch.optim.AdamW(
+        net.parameters(),
+        lr=args.learning_rate,
+        eps=args.adam_eps,
+        weight_decay=args.weight_decay,
+        fused=True,
+        capturable=args.cudagraphs,
+    )
 
 
 def make_update(net: QNetwork, target_net: QNetwork, optimizer, replay: DeviceReplay, args: Args, stats: torch.Tensor):
     """One gradient update, all on the device: sample, weighted C51 loss, optimizer step, new priorities, and the
     running sums of loss and Q-value into `stats`."""
+
     def update():
         batch = replay.sample(args.batch_size)
         losses, q_taken = c51_losses(net, target_net, batch, args.double_dqn)
@@ -895,6 +992,7 @@ def make_update(net: QNetwork, target_net: QNetwork, optimizer, replay: DeviceRe
         optimizer.step()
         replay.update_priorities(batch["index"], torch.sqrt(losses.detach() + 1e-10))
         stats.add_(torch.stack([losses.detach().mean(), q_taken.mean()]))
+
     return update
 
 
@@ -936,17 +1034,41 @@ def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 # args that may change when a run is resumed; the others define the experiment and must match the checkpoint's
-RUN_CONTROL_ARGS = {"resume", "total_timesteps", "output_dir", "cuda", "compile", "cudagraphs", "save_model",
-                    "eval_episodes", "log_every", "progress_seconds", "checkpoint_every", "checkpoint_replay"}
+RUN_CONTROL_ARGS = {
+    "resume",
+    "total_timesteps",
+    "output_dir",
+    "cuda",
+    "compile",
+    "cudagraphs",
+    "save_model",
+    "eval_episodes",
+    "log_every",
+    "progress_seconds",
+    "checkpoint_every",
+    "checkpoint_replay",
+    "capture_video",
+}
 
 
 def training_state(net, target_net, optimizer, replay: DeviceReplay, args: Args, loop: dict) -> dict:
     """What a run needs to go on where it stands; the envs restart (see DeviceReplay.end_streams)."""
-    rng = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
-               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-    return dict(script=os.path.basename(__file__), args=asdict(args), loop=loop, net=net.state_dict(),
-                target_net=target_net.state_dict(), optimizer=optimizer.state_dict(),
-                replay=replay.state_dict(args.checkpoint_replay), rng=rng)
+    rng = dict(
+        torch=torch.get_rng_state(),
+        numpy=np.random.get_state(),
+        python=random.getstate(),
+        cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    )
+    return dict(
+        script=os.path.basename(__file__),
+        args=asdict(args),
+        loop=loop,
+        net=net.state_dict(),
+        target_net=target_net.state_dict(),
+        optimizer=optimizer.state_dict(),
+        replay=replay.state_dict(args.checkpoint_replay),
+        rng=rng,
+    )
 
 
 def restore_training_state(state: dict, net, target_net, optimizer, replay: DeviceReplay) -> dict:
@@ -991,16 +1113,39 @@ def read_checkpoint(run_dir: str, args: Args) -> dict:
     return state
 
 
-def evaluate(net: QNetwork, args: Args, device: torch.device, seed: int) -> list:
+VIDEO_MAX_FRAMES = 3000  # --capture-video keeps at most this many frames of an episode (a GIF of a few MB)
+VIDEO_FRAME_MS = 70  # GIF frame duration: about 15 agent steps a second, as the ALE's 60 Hz with a frame skip of 4
+
+
+def write_video(frames: list, writer: SummaryWriter, run_dir: str, global_step: int):
+    """--capture-video: an episode's frames (H x W grayscale or 3 x H x W RGB uint8 tensors) as an animated GIF in the
+    run folder's videos/ and in TensorBoard's image dashboard, which plays GIFs (the summary torch's add_video writes,
+    without its moviepy). The GIF palette keeps grayscale exactly (RGB too, up to 256 colours a frame); Pillow writes
+    a repeated frame once, for longer."""
+    frames = [frame.permute(1, 2, 0) if frame.dim() == 3 else frame for frame in frames]  # RGB channels last
+    images = [Image.fromarray(frame.numpy()) for frame in frames]
+    path = os.path.join(run_dir, "videos", f"eval_step{global_step}.gif")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    images[0].save(path, save_all=True, append_images=images[1:], duration=VIDEO_FRAME_MS, loop=0)
+    with open(path, "rb") as f:
+        image = Summary.Image(
+            height=images[0].height, width=images[0].width, colorspace=len(images[0].getbands()), encoded_image_string=f.read()
+        )
+    writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag="eval/video", image=image)]), global_step)
+
+
+def evaluate(net: QNetwork, args: Args, device: torch.device, seed: int, video: Optional[list] = None) -> list:
     """`eval_episodes` whole games, one in each of as many parallel envs, so that short games are not over-counted;
     epsilon `eval_epsilon`, noise off. The envs are made like the training envs, as in Dopamine's runner: no-op starts,
-    and a lost life restarts the frame stack (with terminal_on_life_loss) while the game and its return go on."""
+    and a lost life restarts the frame stack (with terminal_on_life_loss) while the game and its return go on.
+    `video`, a list, gets the frames the agent sees in env 0's game (at most VIDEO_MAX_FRAMES)."""
     envs = make_env(args, num_envs=args.eval_episodes, seed=seed)
-    obs = torch.zeros(args.eval_episodes, args.frame_stack, args.frame_size, args.frame_size, dtype=torch.uint8,
-                      device=device)
+    obs = torch.zeros(args.eval_episodes, args.frame_stack, args.frame_size, args.frame_size, dtype=torch.uint8, device=device)
     obs[:, -1] = torch.as_tensor(envs.reset(), device=device)
     returns, playing = np.zeros(args.eval_episodes), np.ones(args.eval_episodes, dtype=bool)
     while playing.any():
+        if video is not None and playing[0] and len(video) < VIDEO_MAX_FRAMES:  # env 0's first episode
+            video.append(obs[0, -1].clone().cpu())  # a copy: a view would keep the whole stack alive
         actions = select_actions(net, obs, args.eval_epsilon, with_noise=False)
         frames, rewards, terminated, truncated, life_lost = envs.step(actions.cpu().numpy())
         returns += rewards * playing
@@ -1025,9 +1170,19 @@ def main(args: Args) -> dict:
     if args.cudagraphs and device.type != "cuda":
         fail("--cudagraphs needs a CUDA device (none is available, or --no-cuda was given)")
     state = read_checkpoint(args.resume, args) if args.resume else None
-    loop = dict(global_step=0, updates=0, iteration_returns=[], returns_by_iteration=[], last_return=None,
-                diagnostics_obs=None, wall_seconds=0.0, resumes=0, learning_from=args.learning_starts,
-                eval_by_iteration=[], eval_returns=[])
+    loop = dict(
+        global_step=0,
+        updates=0,
+        iteration_returns=[],
+        returns_by_iteration=[],
+        last_return=None,
+        diagnostics_obs=None,
+        wall_seconds=0.0,
+        resumes=0,
+        learning_from=args.learning_starts,
+        eval_by_iteration=[],
+        eval_returns=[],
+    )
     loop = state["loop"] if state else loop
 
     envs = make_env(args, seed=args.seed + 7919 * (loop["resumes"] + (state is not None)))  # new seeds on resume
@@ -1045,14 +1200,20 @@ def main(args: Args) -> dict:
     optimizer = make_optimizer(net, args)
     params_total = sum(p.numel() for p in net.parameters())
     params_bottleneck = net.bottleneck.weight.numel()
-    params_psi = sum(p.numel() for layers in (net.psi, net.head, net.value_head) if layers is not None
-                     for name, p in layers.named_parameters() if name.split(".")[-1] == "weight")  # Figure 5, right
-    print(f"network: {net.description}; bottleneck {params_bottleneck:,} weights, {params_total:,} parameters in "
-          f"all; device {device}")
+    params_psi = sum(
+        p.numel()
+        for layers in (net.psi, net.head, net.value_head)
+        if layers is not None
+        for name, p in layers.named_parameters()
+        if name.split(".")[-1] == "weight"
+    )  # Figure 5, right
+    print(
+        f"network: {net.description}; bottleneck {params_bottleneck:,} weights, {params_total:,} parameters in "
+        f"all; device {device}"
+    )
 
     check_replay_fits(args, device)
-    replay = DeviceReplay(args.buffer_size, args.num_envs, args.frame_size, args.frame_stack, args.n_step,
-                          args.gamma, device)
+    replay = DeviceReplay(args.buffer_size, args.num_envs, args.frame_size, args.frame_stack, args.n_step, args.gamma, device)
     if state:
         restore_training_state(state, net, target_net, optimizer, replay)
         replay.end_streams()
@@ -1064,8 +1225,10 @@ def main(args: Args) -> dict:
         del state  # frees the checkpoint's copy of the replay
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
     stop_signals = []  # SIGTERM and SIGUSR1 (Slurm's warnings before preemption) checkpoint and exit with PREEMPTED
-    handlers = {sig: signal.signal(sig, lambda received, frame: stop_signals.append(received))
-                for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    handlers = {
+        sig: signal.signal(sig, lambda received, frame: stop_signals.append(received))
+        for sig in (signal.SIGTERM, signal.SIGUSR1)
+    }
     # a resume drops the events logged after its checkpoint's step (those at that step were logged before it)
     writer = SummaryWriter(run_dir, purge_step=loop["global_step"] + 1 if loop["global_step"] else None)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
@@ -1074,7 +1237,11 @@ def main(args: Args) -> dict:
     obs[:, -1] = torch.as_tensor(envs.reset(), device=device)
     episode_returns = np.zeros(args.num_envs)
     episode_lengths = np.zeros(args.num_envs, dtype=np.int64)
-    iteration_returns, returns_by_iteration, last_return = loop["iteration_returns"], loop["returns_by_iteration"], loop["last_return"]
+    iteration_returns, returns_by_iteration, last_return = (
+        loop["iteration_returns"],
+        loop["returns_by_iteration"],
+        loop["last_return"],
+    )
     eval_by_iteration, eval_returns = loop["eval_by_iteration"], loop["eval_returns"]
     stats = torch.zeros(2, device=device)  # running sums of the loss and the Q-value of the taken actions
     update = accelerated(make_update(net, target_net, optimizer, replay, args, stats), args)
@@ -1086,7 +1253,9 @@ def main(args: Args) -> dict:
     loop_wall_seconds = loop["wall_seconds"]
 
     while global_step < args.total_timesteps:
-        epsilon = 0.0 if args.noisy else linear_schedule(global_step, args.learning_starts, args.epsilon_decay_steps, args.end_e)
+        epsilon = (
+            0.0 if args.noisy else linear_schedule(global_step, args.learning_starts, args.epsilon_decay_steps, args.end_e)
+        )
         if epsilon >= 1.0:
             actions = torch.randint(0, envs.num_actions, (args.num_envs,), device=device)
         else:
@@ -1115,20 +1284,24 @@ def main(args: Args) -> dict:
 
         learning_terminal = terminated | (life_lost & args.terminal_on_life_loss)  # the game may go on
         terminated_on_device, truncated_on_device = to_device(learning_terminal, device), to_device(truncated, device)
-        replay.add(obs[:, -1], actions, to_device(rewards, device).clamp(-1.0, 1.0), terminated_on_device,
-                   truncated_on_device)
+        replay.add(obs[:, -1], actions, to_device(rewards, device).clamp(-1.0, 1.0), terminated_on_device, truncated_on_device)
         obs = advance_stack(obs, to_device(frames, device), terminated_on_device | truncated_on_device)
 
         if global_step // args.target_network_frequency != previous_step // args.target_network_frequency:
             target_net.load_state_dict(net.state_dict())
 
-        checkpoint_due = args.checkpoint_every and global_step // args.checkpoint_every != previous_step // args.checkpoint_every
+        checkpoint_due = (
+            args.checkpoint_every and global_step // args.checkpoint_every != previous_step // args.checkpoint_every
+        )
         if global_step // args.log_every != previous_step // args.log_every or checkpoint_due or stop_signals:
             if stats_count:  # the only reads of device values in the loop
                 loss_mean, q_mean = (stats / stats_count).tolist()
                 if not (math.isfinite(loss_mean) and math.isfinite(q_mean)):
-                    fail(f"the loss became {loss_mean} and the Q-value {q_mean} by step {global_step:,}; stopped, "
-                         f"the last good checkpoint stays in {run_dir}", DIVERGED)
+                    fail(
+                        f"the loss became {loss_mean} and the Q-value {q_mean} by step {global_step:,}; stopped, "
+                        f"the last good checkpoint stays in {run_dir}",
+                        DIVERGED,
+                    )
                 writer.add_scalar("losses/td_loss", loss_mean, global_step)
                 writer.add_scalar("losses/q_values", q_mean, global_step)
                 stats.zero_()
@@ -1154,13 +1327,20 @@ def main(args: Args) -> dict:
             iteration_returns = []
             if args.eval_episodes > 0:
                 evaluated_in = time.time()
-                eval_returns = evaluate(net, args, device, seed=args.seed + 10_000 * len(returns_by_iteration))
-                eval_by_iteration.append(dict(step=global_step, mean_return=float(np.mean(eval_returns)),
-                                              episodes=len(eval_returns)))
+                video = [] if args.capture_video else None
+                eval_returns = evaluate(net, args, device, seed=args.seed + 10_000 * len(returns_by_iteration), video=video)
+                eval_by_iteration.append(
+                    dict(step=global_step, mean_return=float(np.mean(eval_returns)), episodes=len(eval_returns))
+                )
                 writer.add_scalar("eval/mean_return", eval_by_iteration[-1]["mean_return"], global_step)
+                if video:
+                    write_video(video, writer, run_dir, global_step)
                 sps_start_time += time.time() - evaluated_in  # SPS counts training time only
-                print(f"evaluation at step {global_step:,}: mean return {eval_by_iteration[-1]['mean_return']:.2f} "
-                      f"over {len(eval_returns)} episodes in {time.time() - evaluated_in:.0f} s", flush=True)
+                print(
+                    f"evaluation at step {global_step:,}: mean return {eval_by_iteration[-1]['mean_return']:.2f} "
+                    f"over {len(eval_returns)} episodes in {time.time() - evaluated_in:.0f} s",
+                    flush=True,
+                )
 
         if updates - new_updates < 10 <= updates:  # SPS counts from the 10th update: learning runs, compilation is done
             sps_start_time, sps_start_step = time.time(), global_step
@@ -1168,23 +1348,38 @@ def main(args: Args) -> dict:
             last_progress = time.time()
             sps = (global_step - sps_start_step) / max(time.time() - sps_start_time, 1e-9)
             eta = (args.total_timesteps - global_step) / max(sps, 1e-9)
-            print(f"step {global_step:,}/{args.total_timesteps:,} ({100 * global_step / args.total_timesteps:.1f}%) "
-                  f"| {sps:.0f} SPS | ETA {format_seconds(eta)} | updates {updates:,} | epsilon {epsilon:.3f} "
-                  f"| last return {last_return if last_return is not None else '-'}", flush=True)
+            print(
+                f"step {global_step:,}/{args.total_timesteps:,} ({100 * global_step / args.total_timesteps:.1f}%) "
+                f"| {sps:.0f} SPS | ETA {format_seconds(eta)} | updates {updates:,} | epsilon {epsilon:.3f} "
+                f"| last return {last_return if last_return is not None else '-'}",
+                flush=True,
+            )
 
         if checkpoint_due or stop_signals:  # after the stats read above: nothing diverged up to here
-            loop.update(global_step=global_step, updates=updates, iteration_returns=iteration_returns,
-                        returns_by_iteration=returns_by_iteration, last_return=last_return,
-                        diagnostics_obs=None if diagnostics_obs is None else diagnostics_obs.cpu(),
-                        wall_seconds=loop_wall_seconds + time.time() - start_time, eval_by_iteration=eval_by_iteration,
-                        eval_returns=eval_returns)
+            loop.update(
+                global_step=global_step,
+                updates=updates,
+                iteration_returns=iteration_returns,
+                returns_by_iteration=returns_by_iteration,
+                last_return=last_return,
+                diagnostics_obs=None if diagnostics_obs is None else diagnostics_obs.cpu(),
+                wall_seconds=loop_wall_seconds + time.time() - start_time,
+                eval_by_iteration=eval_by_iteration,
+                eval_returns=eval_returns,
+            )
             written_in = time.time()
             write_atomically(training_state(net, target_net, optimizer, replay, args, loop), checkpoint_path)
-            print(f"checkpoint at step {global_step:,}: {os.path.getsize(checkpoint_path) / 1e9:.2f} GB in "
-                  f"{time.time() - written_in:.1f} s", flush=True)
+            print(
+                f"checkpoint at step {global_step:,}: {os.path.getsize(checkpoint_path) / 1e9:.2f} GB in "
+                f"{time.time() - written_in:.1f} s",
+                flush=True,
+            )
         if stop_signals:
-            print(f"{signal.Signals(stop_signals[0]).name}: checkpointed step {global_step:,}; exiting with code "
-                  f"{PREEMPTED}, continue with --resume {run_dir}", flush=True)
+            print(
+                f"{signal.Signals(stop_signals[0]).name}: checkpointed step {global_step:,}; exiting with code "
+                f"{PREEMPTED}, continue with --resume {run_dir}",
+                flush=True,
+            )
             writer.close(), envs.close()
             raise SystemExit(PREEMPTED)
 
@@ -1192,24 +1387,40 @@ def main(args: Args) -> dict:
     for sig, handler in handlers.items():
         signal.signal(sig, handler)
     summary = dict(
-        script=os.path.basename(__file__), args=asdict(args), env_id=args.env_id, seed=args.seed,
-        env_steps=global_step, frames=global_step * envs.frames_per_step,
-        updates=updates, wall_seconds=loop_wall_seconds + time.time() - start_time, device=str(device),
+        script=os.path.basename(__file__),
+        args=asdict(args),
+        env_id=args.env_id,
+        seed=args.seed,
+        env_steps=global_step,
+        frames=global_step * envs.frames_per_step,
+        updates=updates,
+        wall_seconds=loop_wall_seconds + time.time() - start_time,
+        device=str(device),
         sps=(global_step - sps_start_step) / max(time.time() - sps_start_time, 1e-9),
-        params_total=params_total, params_bottleneck=params_bottleneck, params_psi=params_psi,
+        params_total=params_total,
+        params_bottleneck=params_bottleneck,
+        params_psi=params_psi,
         returns_by_iteration=returns_by_iteration,
         final_return=returns_by_iteration[-1]["mean_return"] if returns_by_iteration else None,
-        eval_by_iteration=eval_by_iteration, eval_returns=eval_returns,
-        eval_return=eval_by_iteration[-1]["mean_return"] if eval_by_iteration else None)
+        eval_by_iteration=eval_by_iteration,
+        eval_returns=eval_returns,
+        eval_return=eval_by_iteration[-1]["mean_return"] if eval_by_iteration else None,
+    )
     summary["human_normalized_score"] = human_normalized_score(args.env_id, summary["eval_return"])
+    if args.capture_video and args.eval_episodes == 0:  # no evaluation: one episode played as evaluation plays
+        video = []
+        evaluate(net, replace(args, eval_episodes=1), device, seed=args.seed + 10_000 * len(returns_by_iteration), video=video)
+        write_video(video, writer, run_dir, global_step)
     if args.save_model:
         torch.save({"model": net.state_dict(), "args": asdict(args)}, os.path.join(run_dir, "model.pt"))
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     writer.close()
-    print(f"done: {global_step:,} steps, {updates:,} updates in {format_seconds(summary['wall_seconds'])}; "
-          f"final return {summary['final_return']}, evaluation {summary['eval_return']} (human-normalised "
-          f"{summary['human_normalized_score']}); run folder {run_dir}")
+    print(
+        f"done: {global_step:,} steps, {updates:,} updates in {format_seconds(summary['wall_seconds'])}; "
+        f"final return {summary['final_return']}, evaluation {summary['eval_return']} (human-normalised "
+        f"{summary['human_normalized_score']}); run folder {run_dir}"
+    )
     summary["run_dir"] = run_dir
     return summary
 

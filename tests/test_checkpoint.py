@@ -14,16 +14,35 @@ import numpy as np
 import pytest
 import torch
 
-from benchmark.scripts import ROOT, ALL_SCRIPTS, load_script, script_path, training_parts
+from benchmark.scripts import ALL_SCRIPTS, ROOT, load_script, script_path, training_parts
 from tests.helpers import CATCH, run_script
 
-RUN = [*CATCH, "--learning-starts", "100", "--log-every", "50", "--iteration-steps", "200", "--progress-seconds",
-       "1e9", "--no-cuda", "--train-frequency", "4", "--eval-episodes", "2"]
+RUN = [
+    *CATCH,
+    "--learning-starts",
+    "100",
+    "--log-every",
+    "50",
+    "--iteration-steps",
+    "200",
+    "--progress-seconds",
+    "1e9",
+    "--no-cuda",
+    "--train-frequency",
+    "4",
+    "--eval-episodes",
+    "2",
+]
 
 
 def start(name, args, output_dir):
-    return subprocess.Popen([sys.executable, script_path(name), "--output-dir", str(output_dir), *RUN, *args],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, script_path(name), "--output-dir", str(output_dir), *RUN, *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for(condition, process, timeout=300.0):
@@ -70,9 +89,17 @@ def test_checkpoint_restores_exactly_what_was_saved(name, tmp_path):
     for _ in range(3):
         parts.update()
     np.random.rand(7), torch.rand(3)  # move every RNG away from its seed
-    loop = dict(global_step=1234, updates=3, iteration_returns=[1.0, -1.0], returns_by_iteration=[],
-                last_return=-1.0, diagnostics_obs=torch.ones(2, 4, 24, 24, dtype=torch.uint8), wall_seconds=5.0,
-                resumes=0, learning_from=100)
+    loop = dict(
+        global_step=1234,
+        updates=3,
+        iteration_returns=[1.0, -1.0],
+        returns_by_iteration=[],
+        last_return=-1.0,
+        diagnostics_obs=torch.ones(2, 4, 24, 24, dtype=torch.uint8),
+        wall_seconds=5.0,
+        resumes=0,
+        learning_from=100,
+    )
     saved = module.training_state(net, target_net, optimizer, replay, args, loop)
     run_dir = str(tmp_path)
     module.write_atomically(saved, os.path.join(run_dir, "checkpoint.pt"))
@@ -124,8 +151,7 @@ def test_sigkill_in_training_and_in_a_checkpoint_write_then_resume(name, tmp_pat
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGUSR1])
 def test_preemption_signal_checkpoints_and_exits_with_preempted(name, stop_signal, tmp_path):
     module = load_script(name)
-    process = start(name, ["--total-timesteps", "100000", "--checkpoint-every", "0", "--buffer-size", "2000"],
-                    tmp_path)
+    process = start(name, ["--total-timesteps", "100000", "--checkpoint-every", "0", "--buffer-size", "2000"], tmp_path)
     wait_for(lambda: glob.glob(str(tmp_path / "*" / "events.out.tfevents.*")), process)
     time.sleep(3)  # well into training
     process.send_signal(stop_signal)
@@ -136,8 +162,11 @@ def test_preemption_signal_checkpoints_and_exits_with_preempted(name, stop_signa
     step = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)["loop"]["global_step"]
     assert 0 < step < 100000
 
-    result = run_script(name, [*RUN, "--total-timesteps", str(step + 50), "--checkpoint-every", "0", "--buffer-size",
-                               "2000", "--resume", run_dir], tmp_path)
+    result = run_script(
+        name,
+        [*RUN, "--total-timesteps", str(step + 50), "--checkpoint-every", "0", "--buffer-size", "2000", "--resume", run_dir],
+        tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     assert json.load(open(os.path.join(run_dir, "summary.json")))["env_steps"] == step + 50
 
@@ -145,8 +174,23 @@ def test_preemption_signal_checkpoints_and_exits_with_preempted(name, stop_signa
 @pytest.mark.parametrize("name", ALL_SCRIPTS)
 def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(name, tmp_path):
     module = load_script(name)
-    result = run_script(name, [*RUN, "--learning-rate", "1e30", "--total-timesteps", "2000", "--checkpoint-every", "100",
-                               "--buffer-size", "2000", "--log-every", "10"], tmp_path)
+    result = run_script(
+        name,
+        [
+            *RUN,
+            "--learning-rate",
+            "1e30",
+            "--total-timesteps",
+            "2000",
+            "--checkpoint-every",
+            "100",
+            "--buffer-size",
+            "2000",
+            "--log-every",
+            "10",
+        ],
+        tmp_path,
+    )
     assert result.returncode == module.DIVERGED == 3
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: the loss became "), result.stderr
@@ -164,11 +208,13 @@ def finished_run(tmp_path_factory):
     def run_of(name):
         if name not in runs:
             output_dir = tmp_path_factory.mktemp("finished")
-            result = run_script(name, [*RUN, "--total-timesteps", "150", "--checkpoint-every", "150", "--buffer-size",
-                                       "1000"], output_dir)
+            result = run_script(
+                name, [*RUN, "--total-timesteps", "150", "--checkpoint-every", "150", "--buffer-size", "1000"], output_dir
+            )
             assert result.returncode == 0, result.stderr
             runs[name] = run_folder(output_dir)
         return runs[name]
+
     return run_of
 
 
@@ -188,21 +234,25 @@ def corrupt(run_dir, how):
 
 
 @pytest.mark.parametrize("name", ALL_SCRIPTS)
-@pytest.mark.parametrize("how,args,message", [
-    ("truncated", [], "is corrupt or truncated"),
-    ("garbage", [], "is corrupt or truncated"),
-    ("missing", [], "no complete checkpoint"),
-    ("other script", [], "was written by another_script.py"),
-    (None, ["--scale", "2"], "--scale is 1 in the checkpoint, 2 here"),
-    (None, ["--gamma", "0.9"], "--gamma is 0.99 in the checkpoint, 0.9 here"),
-])
+@pytest.mark.parametrize(
+    "how,args,message",
+    [
+        ("truncated", [], "is corrupt or truncated"),
+        ("garbage", [], "is corrupt or truncated"),
+        ("missing", [], "no complete checkpoint"),
+        ("other script", [], "was written by another_script.py"),
+        (None, ["--scale", "2"], "--scale is 1 in the checkpoint, 2 here"),
+        (None, ["--gamma", "0.9"], "--gamma is 0.99 in the checkpoint, 0.9 here"),
+    ],
+)
 def test_bad_resume_fails_with_one_clear_line(name, how, args, message, finished_run, tmp_path):
     run_dir = str(tmp_path / "run")
     subprocess.run(["cp", "-r", finished_run(name), run_dir], check=True)
     if how:
         corrupt(run_dir, how)
-    result = run_script(name, [*RUN, "--total-timesteps", "300", "--buffer-size", "1000", *args, "--resume", run_dir],
-                        tmp_path)
+    result = run_script(
+        name, [*RUN, "--total-timesteps", "300", "--buffer-size", "1000", *args, "--resume", run_dir], tmp_path
+    )
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: cannot resume") and message in lines[0], result.stderr

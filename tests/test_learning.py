@@ -13,7 +13,7 @@ def test_rainbow_learns_catch(name, tmp_path):
     over 50 evaluation episodes and about 0.9 in training over the last 500 steps (seeds 1-8 all reach 1.0 in
     evaluation and 0.86-0.97 in training). The thresholds (0.8 in evaluation, i.e. at most 10% of the balls
     missed, and 0.5 in training) leave a margin below that, yet lie far above random; an agent that does not
-    learn cannot pass them. On one torch thread (tests/conftest.py) the run takes about 25 s.
+    learn cannot pass them. On one torch thread (tests/conftest.py) the run takes about a minute.
     """
     rainbow = load_script(name)
     args = rainbow.Args(

@@ -13,24 +13,10 @@ import pytest
 from benchmark import aggregate, metrics
 from benchmark.scripts import ROOT, load_script
 
-PROCGEN = [
-    "bigfish",
-    "bossfight",
-    "caveflyer",
-    "chaser",
-    "climber",
-    "coinrun",
-    "dodgeball",
-    "fruitbot",
-    "heist",
-    "jumper",
-    "leaper",
-    "maze",
-    "miner",
-    "ninja",
-    "plunder",
-    "starpilot",
-]
+PROCGEN = (
+    "bigfish bossfight caveflyer chaser climber coinrun dodgeball fruitbot "
+    "heist jumper leaper maze miner ninja plunder starpilot"
+).split()
 
 
 def test_metrics_match_their_definitions():

@@ -208,6 +208,796 @@ class Args:
     --eval-episodes 0, one episode played as evaluation plays, at the end"""
 
 
+# Network: phi (encoder) -> bottleneck pooling -> psi (dense layers)
+def pad_same(x: torch.Tensor, kernel: int, stride: int, value: float = 0.0) -> torch.Tensor:
+    """TensorFlow/flax 'SAME' padding (extra row/column at the bottom/right), as Dopamine's networks use."""
+    pads = []
+    for size in (x.shape[-1], x.shape[-2]):
+        total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+        pads += [total // 2, total - total // 2]
+    return F.pad(x, pads, value=value)
+
+
+def lecun_normal_(weight: torch.Tensor):
+    """flax's default kernel initialiser: truncated normal at 2 std, variance 1/fan_in."""
+    std = (weight[0].numel() ** -0.5) / 0.87962566103423978  # the truncation shrinks the std by this factor
+    nn.init.trunc_normal_(weight, 0.0, std, -2 * std, 2 * std)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.relu0, self.conv0 = nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1)
+        self.relu1, self.conv1 = nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1)
+        for conv in (self.conv0, self.conv1):  # flax's default, as in Dopamine's Stack
+            lecun_normal_(conv.weight)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, x):
+        return x + self.conv1(self.relu1(self.conv0(self.relu0(x))))
+
+
+class ImpalaStack(nn.Module):
+    def __init__(self, in_channels: int, channels: int, blocks: int = 2):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, channels, 3, padding=1)
+        nn.init.xavier_uniform_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+        self.blocks = nn.Sequential(*[ResidualBlock(channels) for _ in range(blocks)])
+
+    def forward(self, x):
+        x = F.max_pool2d(pad_same(self.conv(x), 3, 2, float("-inf")), 3, 2)
+        return self.blocks(x)
+
+
+class ImpalaEncoder(nn.Module):
+    def __init__(self, in_channels: int, scale: float, blocks_per_stack: int = 2, extra_blocks: int = 0):
+        super().__init__()
+        widths = [max(1, round(c * scale)) for c in (16, 32, 32)]
+        blocks = [blocks_per_stack, blocks_per_stack, blocks_per_stack + extra_blocks]  # phi's output keeps its shape
+        self.stacks = nn.Sequential(*[ImpalaStack(i, o, b) for i, o, b in zip([in_channels] + widths[:-1], widths, blocks)])
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.stacks(x))
+
+
+class NatureEncoder(nn.Module):
+    def __init__(self, in_channels: int, scale: float):
+        super().__init__()
+        c1, c2 = max(1, round(32 * scale)), max(1, round(64 * scale))
+        self.specs = [(8, 4), (4, 2), (3, 1)]
+        self.convs = nn.ModuleList([nn.Conv2d(in_channels, c1, 8, 4), nn.Conv2d(c1, c2, 4, 2), nn.Conv2d(c2, c2, 3, 1)])
+        self.relus = nn.ModuleList([nn.ReLU() for _ in self.convs])
+        for conv in self.convs:  # labs/moes RainbowCNNet: Xavier-uniform kernels, zero biases
+            nn.init.xavier_uniform_(conv.weight)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, x):
+        for (kernel, stride), conv, relu in zip(self.specs, self.convs, self.relus):
+            x = relu(conv(pad_same(x, kernel, stride)))
+        return x
+
+
+class Bottleneck(nn.Module):
+    """How phi's H x W x C output reaches psi: flattened (H*W*C) or pooled over H x W (C)."""
+
+    def __init__(self, pooling: str):
+        super().__init__()
+        self.pooling = pooling
+
+    def forward(self, features):
+        if self.pooling == "gap":
+            return features.mean(dim=(2, 3))
+        if self.pooling == "max":
+            return features.amax(dim=(2, 3))
+        return features.flatten(1)
+
+
+class NoisyLinear(nn.Module):
+    """Factorised Gaussian noisy layer (Fortunato et al. 2018, eqs. 10-11) with Dopamine's initialisation, its noise
+    drawn per sample. Row r of a batch sees the weights W + sigma_W * outer(eps_out[r], eps_in[r]) and the bias
+    b + sigma_b * eps_out[r], with eps = f(N(0, 1)), f(e) = sign(e) sqrt(|e|). Its output is computed as
+
+        y = W x + b + eps_out * (sigma_W (eps_in * x) + sigma_b)
+
+    two matmuls, never the perturbed weight matrix. `noise` maps each noisy layer's name to its (eps_in, eps_out),
+    one row per sample or one row shared by the batch; without it the layer uses its mean weights (evaluation)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        bound, sigma = in_features**-0.5, 0.1 * in_features**-0.5
+        self.weight = nn.Parameter(torch.empty(out_features, in_features).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(out_features).uniform_(-bound, bound))
+        self.weight_sigma = nn.Parameter(torch.full((out_features, in_features), sigma))
+        self.bias_sigma = nn.Parameter(torch.full((out_features,), sigma))
+        self.in_features, self.out_features = in_features, out_features
+        self.name = ""  # the key of its noise, set by QNetwork to the layer's name in the network
+
+    def sample_noise(self, rows: int):
+        """(eps_in, eps_out) of shapes (rows, in) and (rows, out): f(N(0, 1)), f(e) = sign(e) sqrt(|e|)."""
+
+        def scaled(shape):
+            e = torch.randn(shape, device=self.weight.device)
+            return e.sign() * e.abs().sqrt()
+
+        eps_in = scaled((rows, self.in_features))
+        eps_out = scaled((rows, self.out_features))
+        return eps_in, eps_out
+
+    def forward(self, x, noise: Optional[dict] = None):
+        mean = F.linear(x, self.weight, self.bias)
+        if not noise:
+            return mean
+        eps_in, eps_out = noise[self.name]
+        return mean + eps_out * F.linear(x * eps_in, self.weight_sigma, self.bias_sigma)
+
+
+class Linear(nn.Linear):
+    """A plain dense layer with Xavier-uniform weights (flax's Dense as Dopamine uses it); it has no noise to take."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features)
+        nn.init.xavier_uniform_(self.weight)
+        nn.init.zeros_(self.bias)
+
+    def forward(self, x, noise: Optional[dict] = None):
+        return super().forward(x)
+
+
+def dense(in_features: int, out_features: int, noisy: bool) -> nn.Module:
+    return NoisyLinear(in_features, out_features) if noisy else Linear(in_features, out_features)
+
+
+class Psi(nn.Module):
+    """psi's hidden layers: the bottleneck layer, then the extra layers, each dense -> [LayerNorm] -> ReLU."""
+
+    def __init__(self, in_features: int, args: Args):
+        super().__init__()
+        width = 512 * args.scale
+        extra_width = width if args.extra_dense_scaled else 512
+        self.widths = [width] + [extra_width] * args.extra_dense_layers
+        self.layers = nn.ModuleList([dense(in_features, width, args.noisy)])
+        for _ in range(args.extra_dense_layers):
+            self.layers.append(dense(self.layers[-1].weight.shape[0], extra_width, args.noisy and args.extra_dense_scaled))
+        norms = [nn.LayerNorm(w) if args.layer_norm else nn.Identity() for w in self.widths]
+        self.norms = nn.ModuleList(norms)
+        self.relus = nn.ModuleList([nn.ReLU() for _ in self.widths])  # one each, so dormant counting sees each layer
+
+    def forward(self, x, noise: Optional[dict] = None):
+        for layer, norm, relu in zip(self.layers, self.norms, self.relus):
+            x = relu(norm(layer(x, noise)))
+        return x
+
+
+class QNetwork(nn.Module):
+    """psi(pool(phi(x))) returning C51 logits of shape (batch, actions, atoms)."""
+
+    def __init__(self, num_actions: int, args: Args):
+        super().__init__()
+        self.num_actions, self.num_atoms, self.dueling = num_actions, args.num_atoms, args.dueling
+        if args.encoder == "impala":
+            self.phi = ImpalaEncoder(args.frame_stack, args.encoder_scale, args.encoder_blocks, args.encoder_extra_blocks)
+        else:
+            self.phi = NatureEncoder(args.frame_stack, args.encoder_scale)
+        self.pool = Bottleneck(args.pooling)
+        with torch.no_grad():
+            self.feature_shape = tuple(self.phi(torch.zeros(1, args.frame_stack, args.frame_size, args.frame_size)).shape[1:])
+        bottleneck_inputs = self.pool(torch.zeros(1, *self.feature_shape)).shape[1]
+        width = 512 * args.scale
+        self.psi = Psi(bottleneck_inputs, args)
+        self.bottleneck = self.psi.layers[0]  # the weights joining phi's (pooled) output to psi
+        self.head = dense(self.psi.widths[-1], num_actions * args.num_atoms, args.noisy)
+        self.value_head = dense(self.psi.widths[-1], args.num_atoms, args.noisy) if args.dueling else None
+        self.register_buffer("support", torch.linspace(-args.v_max, args.v_max, args.num_atoms))
+        for name, module in self.named_modules():
+            if isinstance(module, NoisyLinear):
+                module.name = name
+        c, h, w = self.feature_shape
+        self.description = f"{args.encoder} phi -> {h}x{w}x{c} -> {args.pooling} -> {bottleneck_inputs} -> psi {width}"
+
+    def sample_noise(self, rows: int) -> dict:
+        """Fresh noise for every noisy layer: `rows` rows (one per sample, or one shared by the batch); {} if none."""
+        noise = {}
+        for module in self.modules():
+            if isinstance(module, NoisyLinear):
+                noise[module.name] = module.sample_noise(rows)
+        return noise
+
+    def bottleneck_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.phi(x.float() / 255.0))
+
+    def forward(self, x: torch.Tensor, noise: Optional[dict] = None) -> torch.Tensor:
+        """C51 logits; `noise` from sample_noise() perturbs the noisy layers, None uses their mean weights."""
+        hidden = self.psi(self.bottleneck_features(x), noise)
+        logits = self.head(hidden, noise).view(-1, self.num_actions, self.num_atoms)
+        if self.dueling:
+            logits = self.value_head(hidden, noise).unsqueeze(1) + logits - logits.mean(dim=1, keepdim=True)
+        return logits
+
+    def q_values(self, x: torch.Tensor, noise: Optional[dict] = None) -> torch.Tensor:
+        return (self.forward(x, noise).softmax(-1) * self.support).sum(-1)
+
+
+def project_distribution(target_support: torch.Tensor, probs: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+    """C51 projection of `probs` on `target_support` (batch, atoms) onto the fixed `support` (Dopamine's form)."""
+    delta = support[1] - support[0]
+    clipped = target_support.clamp(support[0], support[-1])
+    weights = (1.0 - (clipped.unsqueeze(1) - support.view(1, -1, 1)).abs() / delta).clamp(0.0, 1.0)
+    return (weights * probs.unsqueeze(1)).sum(-1)
+
+
+def linear_schedule(step: int, learning_starts: int, decay_steps: int, end_e: float) -> float:
+    """Dopamine's linearly_decaying_epsilon: 1 until learning starts, then linear to end_e."""
+    steps_left = decay_steps + learning_starts - step
+    return end_e + min(max((1.0 - end_e) * steps_left / decay_steps, 0.0), 1.0 - end_e)
+
+
+@torch.no_grad()
+def dormant_fractions(net: QNetwork, obs: torch.Tensor, tau: float) -> dict:
+    """Fraction of dormant neurons in phi and psi (Sokar et al. 2023): a unit (channel for convs) is dormant when
+    its mean |activation| over the batch, divided by its layer's average, is at most tau. Noisy layers use their
+    mean weights."""
+    activations = {"phi": [], "psi": []}
+    hooks = [
+        module.register_forward_hook(lambda m, i, o, part=part: activations[part].append(o))
+        for part in ("phi", "psi")
+        for module in getattr(net, part).modules()
+        if isinstance(module, nn.ReLU)
+    ]
+    net(obs)
+    for hook in hooks:
+        hook.remove()
+    result = {}
+    for part, outputs in activations.items():
+        scores = [o.abs().mean(dim=(0, 2, 3)) if o.dim() == 4 else o.abs().mean(dim=0) for o in outputs]
+        dormant = [(score / (score.mean() + 1e-9) <= tau) for score in scores]  # normalised per layer
+        result[part] = float(sum(d.sum() for d in dormant)) / max(sum(d.numel() for d in dormant), 1)
+    return result
+
+
+# CUDA graphs (--cudagraphs, class CudaGraphed below) replay the captured update and action selection without Python,
+# which sets three rules for the code they run:
+#  1. every tensor they read or write keeps its address: the replay's buffers and max priority, the optimizer's state
+#     (capturable Adam) and the networks' parameters change only in place (copy_, out=, load_state_dict);
+#  2. a captured update cannot call Python, so the loop flushes the replay's held-back writes before queueing updates;
+#  3. the captured action selection returns the same output tensor every call: whoever keeps its actions copies them.
+
+
+# Replay on the device: each env owns a circular stream of `capacity` slots; slot t holds the frame seen at t,
+# the action taken, the clipped reward, and whether the episode ended (terminal or truncated) at t.
+class DeviceReplay:
+    block = 1024  # prioritized sampling searches block sums, then one block
+
+    @staticmethod
+    def bytes_needed(buffer_size: int, frame_size: int) -> int:
+        return buffer_size * (frame_size * frame_size + 4 + 4 + 1 + 1 + 4)
+
+    def __init__(
+        self, buffer_size: int, num_envs: int, frame_size: int, stack: int, n_step: int, gamma: float, device: torch.device
+    ):
+        self.num_envs, self.capacity = num_envs, buffer_size // num_envs
+        self.stack, self.n_step, self.device = stack, n_step, device
+        size = self.num_envs * self.capacity
+        self.frames = torch.zeros(size, frame_size, frame_size, dtype=torch.uint8, device=device)
+        self.actions = torch.zeros(size, dtype=torch.int32, device=device)
+        self.rewards = torch.zeros(size, dtype=torch.float32, device=device)
+        self.terminal = torch.zeros(size, dtype=torch.bool, device=device)
+        # unwritten slots count as episode ends, so the stream's first stack is zero-padded
+        self.episode_end = torch.ones(size, dtype=torch.bool, device=device)
+        self.num_blocks = -(-size // self.block)
+        self.priorities = torch.zeros(self.num_blocks * self.block, dtype=torch.float32, device=device)
+        self.max_priority = torch.ones((), device=device)
+        self.discounts = gamma ** torch.arange(n_step + 1, dtype=torch.float32, device=device)
+        self.env_offset = torch.arange(num_envs, device=device) * self.capacity
+        self.cursor, self.adds, self.staged = 0, 0, []
+        # steps held back at most; fewer than the ring's free slots, so one flush never writes a slot twice
+        self.max_staged = min(32, self.capacity - n_step - stack)
+
+    def add(self, frames, actions, rewards, terminated, truncated):
+        """Hand over one step for every env (tensors of shape (num_envs, ...) on the device). Steps are held back and
+        written together by flush(), a few launches for many steps (on a GPU, small launches cost more than their
+        work); every read (sample, state_dict, end_streams) flushes first, so what they see is the same."""
+        self.staged.append((frames, actions.to(torch.int32, copy=True), rewards, terminated, truncated))  # a copy:
+        self.adds += 1  # the graphed action selection reuses its output tensor
+        if len(self.staged) >= self.max_staged:
+            self.flush()
+
+    def flush(self):
+        """Write the held-back steps; the result equals writing them one at a time (see tests/test_replay.py)."""
+        steps = len(self.staged)
+        if steps == 0:
+            return
+        frames, actions, rewards, terminated, truncated = (
+            field[0].unsqueeze(0) if steps == 1 else torch.stack(field) for field in zip(*self.staged)
+        )
+        self.staged = []
+        offset = self.env_offset.unsqueeze(0)
+        slot = offset + (self.cursor + torch.arange(steps, device=self.device).unsqueeze(1)) % self.capacity
+        self.frames[slot] = frames
+        self.actions[slot] = actions
+        self.rewards[slot] = rewards
+        self.terminal[slot] = terminated
+        self.episode_end[slot] = terminated | truncated
+        # each new slot and the stack - 1 after it, whose frame history now begins with a newer frame, are unsampleable
+        later = (self.cursor + torch.arange(steps + self.stack - 1, device=self.device)) % self.capacity
+        self.priorities[(offset + later.unsqueeze(1)).flatten()] = 0.0
+        # the step written k-th completes the n-step future of the slot n_step before it, once that slot exists
+        first = max(0, self.n_step - (self.adds - steps))
+        if first < steps:
+            back = (self.cursor - self.n_step + torch.arange(first, steps, device=self.device)) % self.capacity
+            window = (back.unsqueeze(1) + torch.arange(self.n_step, device=self.device)) % self.capacity
+            window = offset.unsqueeze(2) + window.unsqueeze(1)  # (steps, env, n_step)
+            ends, terminal = self.episode_end[window], self.terminal[window]
+            ended_before = torch.cumsum(ends.int(), 2) - ends.int() > 0
+            truncated_first = (ends & ~terminal & ~ended_before).any(2)
+            self.priorities[offset + back.unsqueeze(1)] = torch.where(truncated_first, 0.0, self.max_priority)
+        self.cursor = (self.cursor + steps) % self.capacity
+
+    def state_dict(self, with_contents: bool) -> dict:
+        self.flush()
+        if not with_contents:  # the resumed run starts from an empty replay
+            return dict(max_priority=self.max_priority.cpu(), cursor=0, adds=0)
+        names = ["frames", "actions", "rewards", "terminal", "episode_end", "priorities", "max_priority"]
+        return dict({name: getattr(self, name).cpu() for name in names}, cursor=self.cursor, adds=self.adds)
+
+    def load_state_dict(self, state: dict):
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor):
+                getattr(self, name).copy_(value)  # in place, so the tensors keep their (graph-captured) addresses
+        self.cursor, self.adds, self.staged = state["cursor"], state["adds"], []
+
+    def end_streams(self):
+        """End every env's stream with a truncation where an episode was running (a resumed run's envs start new
+        episodes): no stack or n-step window reaches across."""
+        self.flush()
+        if self.adds == 0:
+            return
+        last = self.env_offset + (self.cursor - 1) % self.capacity
+        running = ~self.terminal[last]
+        self.episode_end[last] = True
+        window = (
+            self.env_offset.unsqueeze(1) + (self.cursor - 1 - torch.arange(self.n_step, device=self.device)) % self.capacity
+        )
+        self.priorities[window] = torch.where(running.unsqueeze(1), 0.0, self.priorities[window])
+
+    def _stacks(self, index: torch.Tensor) -> torch.Tensor:
+        """Frame stacks ending at flat `index`, zeroing frames from before each episode's start."""
+        env = index // self.capacity
+        offsets = torch.arange(self.stack - 1, -1, -1, device=self.device)
+        history = (index.unsqueeze(1) - env.unsqueeze(1) * self.capacity - offsets) % self.capacity
+        history = history + env.unsqueeze(1) * self.capacity
+        ends = self.episode_end[history[:, :-1]].int()
+        blocked = torch.flip(torch.cummax(torch.flip(ends, [1]), 1).values, [1]) > 0
+        visible = torch.cat([~blocked, torch.ones_like(blocked[:, :1])], 1)
+        return self.frames[history] * visible[:, :, None, None]
+
+    def sample(self, batch_size: int) -> dict:
+        """Stratified prioritized sample: obs, actions, n-step returns and discounts, next obs, probabilities."""
+        self.flush()  # in eager code; graph-captured updates replay without Python, so the loop flushes before them
+        blocks = self.priorities.view(self.num_blocks, self.block)
+        block_sums = blocks.sum(1, dtype=torch.float64)
+        cumulative = block_sums.cumsum(0)
+        total = cumulative[-1]
+        targets = (
+            (torch.arange(batch_size, device=self.device) + torch.rand(batch_size, device=self.device, dtype=torch.float64))
+            / batch_size
+            * total
+        )
+        targets = torch.minimum(targets, total * (1 - 1e-9))
+        block = torch.searchsorted(cumulative, targets.unsqueeze(1), right=True).squeeze(1).clamp(max=self.num_blocks - 1)
+        residual = targets - (cumulative[block] - block_sums[block])
+        inner = blocks[block].double().cumsum(1)
+        residual = torch.minimum(residual.clamp(min=0.0), inner[:, -1] * (1 - 1e-9))
+        position = torch.searchsorted(inner, residual.unsqueeze(1), right=True).squeeze(1).clamp(max=self.block - 1)
+        index = block * self.block + position
+
+        env = index // self.capacity
+        steps = torch.arange(self.n_step, device=self.device)
+        window = (index.unsqueeze(1) - env.unsqueeze(1) * self.capacity + steps) % self.capacity + env.unsqueeze(
+            1
+        ) * self.capacity
+        ends = self.episode_end[window].float()
+        alive = torch.cat([torch.ones_like(ends[:, :1]), torch.cumprod(1.0 - ends, 1)[:, :-1]], 1)
+        returns = (self.rewards[window] * alive * self.discounts[:-1]).sum(1)
+        not_done = torch.cumprod(1.0 - ends, 1)[:, -1]
+        next_index = (index - env * self.capacity + self.n_step) % self.capacity + env * self.capacity
+        return dict(
+            index=index,
+            obs=self._stacks(index),
+            actions=self.actions[index].long(),
+            returns=returns,
+            discounts=self.discounts[-1] * not_done,
+            next_obs=self._stacks(next_index),
+            probs=(self.priorities[index] / total).float(),
+        )
+
+    def update_priorities(self, index: torch.Tensor, priorities: torch.Tensor):
+        self.priorities[index] = priorities
+        torch.maximum(self.max_priority, priorities.max(), out=self.max_priority)  # in place: CUDA graphs keep addresses
+
+
+def check_replay_fits(args: Args, device: torch.device):
+    needed = DeviceReplay.bytes_needed(args.buffer_size, args.frame_size)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        with open("/proc/meminfo") as meminfo:
+            free = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable"))
+    where = f"{device.type} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu (host RAM)"
+    print(f"replay: {args.buffer_size:,} transitions, {needed / 1e9:.2f} GB on {where}, {free / 1e9:.1f} GB free")
+    if needed > 0.9 * free:
+        fail(
+            f"the replay needs {needed / 1e9:.2f} GB but only {free / 1e9:.1f} GB is free on {where}; "
+            f"lower --buffer-size (each transition takes {needed / args.buffer_size:.0f} bytes)"
+        )
+
+
+# Training
+def select_actions(net: QNetwork, obs: torch.Tensor, epsilon, with_noise: bool) -> torch.Tensor:
+    """Epsilon-greedy on the device (epsilon is a device scalar, so nothing waits for the host). In training the noisy
+    layers draw fresh noise for each env, as each Dopamine action draws its own; evaluation uses the mean weights."""
+    with torch.no_grad():
+        greedy = net.q_values(obs, net.sample_noise(obs.shape[0]) if with_noise else None).argmax(1)
+    random_actions = torch.randint(0, net.num_actions, greedy.shape, device=obs.device)
+    return torch.where(torch.rand(greedy.shape, device=obs.device) < epsilon, random_actions, greedy)
+
+
+def importance_weights(probs: torch.Tensor) -> torch.Tensor:
+    """Dopamine's prioritized-replay correction: 1/sqrt(p), divided by its batch maximum."""
+    weights = 1.0 / torch.sqrt(probs + 1e-10)
+    return weights / weights.max()
+
+
+def advance_stack(obs: torch.Tensor, frames: torch.Tensor, ended: torch.Tensor) -> torch.Tensor:
+    """Push each env's new frame onto its stack; an env whose episode ended starts again from zeros."""
+    obs = torch.roll(obs, -1, 1) * ~ended.view(-1, 1, 1, 1)
+    obs[:, -1] = frames
+    return obs
+
+
+def c51_losses(net: QNetwork, target_net: QNetwork, batch: dict, double_dqn: bool):
+    """Per-sample cross-entropy between the projected n-step target and the online distribution. Noise as labs/moes
+    keys it: the online network's in the loss is drawn per sample; one draw serves the whole batch's target, and the
+    same draw perturbs the online network that picks the next action (Dopamine passes both the one key)."""
+    logits = net(batch["obs"], net.sample_noise(batch["obs"].shape[0]))
+    chosen = logits[torch.arange(logits.shape[0], device=logits.device), batch["actions"]]
+    with torch.no_grad():
+        target_noise = net.sample_noise(1)
+        next_probs = target_net(batch["next_obs"], target_noise).softmax(-1)
+        selector = net(batch["next_obs"], target_noise).softmax(-1) if double_dqn else next_probs
+        next_action = (selector * net.support).sum(-1).argmax(1)
+        next_dist = next_probs[torch.arange(next_probs.shape[0], device=logits.device), next_action]
+        target_support = batch["returns"].unsqueeze(1) + batch["discounts"].unsqueeze(1) * net.support
+        target = project_distribution(target_support, next_dist, net.support)
+    losses = -(target * chosen.log_softmax(-1)).sum(-1)
+    q_taken = (chosen.detach().softmax(-1) * net.support).sum(-1)
+    return losses, q_taken
+
+
+def make_optimizer(net: QNetwork, args: Args) -> torch.optim.Optimizer:
+    """Adam (AdamW with weight_decay 0 is Adam), the fused kernel: one launch instead of dozens on CUDA, and on a CPU
+    five times faster than the per-tensor loop over a flattened bottleneck's millions of weights."""
+    return torch.optim.AdamW(
+        net.parameters(),
+        lr=args.learning_rate,
+        eps=args.adam_eps,
+        weight_decay=args.weight_decay,
+        fused=True,
+        capturable=args.cudagraphs,
+    )
+
+
+def make_update(net: QNetwork, target_net: QNetwork, optimizer, replay: DeviceReplay, args: Args, stats: torch.Tensor):
+    """One gradient update, all on the device: sample, weighted C51 loss, optimizer step, new priorities, and the
+    running sums of loss and Q-value into `stats`."""
+
+    def update():
+        batch = replay.sample(args.batch_size)
+        losses, q_taken = c51_losses(net, target_net, batch, args.double_dqn)
+        loss = (losses * importance_weights(batch["probs"])).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        replay.update_priorities(batch["index"], torch.sqrt(losses.detach() + 1e-10))
+        stats.add_(torch.stack([losses.detach().mean(), q_taken.mean()]))
+
+    return update
+
+
+def evaluate(net: QNetwork, args: Args, device: torch.device, seed: int, video: Optional[list] = None) -> list:
+    """`eval_episodes` whole games, one in each of as many parallel envs, so that short games are not over-counted;
+    epsilon `eval_epsilon`, noise off. The envs are made like the training envs, as in Dopamine's runner: no-op starts,
+    and a lost life restarts the frame stack (with terminal_on_life_loss) while the game and its return go on.
+    `video`, a list, gets the frames the agent sees in env 0's game (at most VIDEO_MAX_FRAMES)."""
+    envs = make_env(args, num_envs=args.eval_episodes, seed=seed)
+    obs = torch.zeros(args.eval_episodes, args.frame_stack, args.frame_size, args.frame_size, dtype=torch.uint8, device=device)
+    obs[:, -1] = torch.as_tensor(envs.reset(), device=device)
+    returns, playing = np.zeros(args.eval_episodes), np.ones(args.eval_episodes, dtype=bool)
+    while playing.any():
+        if video is not None and playing[0] and len(video) < VIDEO_MAX_FRAMES:  # env 0's first episode
+            video.append(obs[0, -1].clone().cpu())  # a copy: a view would keep the whole stack alive
+        actions = select_actions(net, obs, args.eval_epsilon, with_noise=False)
+        frames, rewards, terminated, truncated, life_lost = envs.step(actions.cpu().numpy())
+        returns += rewards * playing
+        playing &= ~(terminated | truncated)  # an env whose game ended plays on, uncounted
+        restart = terminated | truncated | (life_lost & args.terminal_on_life_loss)
+        obs = advance_stack(obs, torch.as_tensor(frames, device=device), torch.as_tensor(restart, device=device))
+    envs.close()
+    return returns.tolist()
+
+
+def main(args: Args) -> dict:
+    validate_args(args)
+    start_time = time.time()
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32  # float32 unless asked
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if args.cudagraphs and device.type != "cuda":
+        fail("--cudagraphs needs a CUDA device (none is available, or --no-cuda was given)")
+    state = read_checkpoint(args.resume, args) if args.resume else None
+    loop = dict(
+        global_step=0,
+        updates=0,
+        iteration_returns=[],
+        returns_by_iteration=[],
+        last_return=None,
+        diagnostics_obs=None,
+        wall_seconds=0.0,
+        resumes=0,
+        learning_from=args.learning_starts,
+        eval_by_iteration=[],
+        eval_returns=[],
+    )
+    loop = state["loop"] if state else loop
+
+    envs = make_env(args, seed=args.seed + 7919 * (loop["resumes"] + (state is not None)))  # new seeds on resume
+    run_name = f"{args.env_id.replace('/', '_').replace(':', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = args.resume or os.path.join(args.output_dir, run_name)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=run_dir).close()  # fails now, not at the first checkpoint, if unwritable
+    except OSError as error:
+        fail(f"cannot write to the run folder {run_dir}: {error.strerror}")
+
+    net = QNetwork(envs.num_actions, args).to(device)
+    target_net = QNetwork(envs.num_actions, args).to(device)
+    target_net.load_state_dict(net.state_dict())
+    optimizer = make_optimizer(net, args)
+    params_total = sum(p.numel() for p in net.parameters())
+    params_bottleneck = net.bottleneck.weight.numel()
+    params_psi = sum(
+        p.numel()
+        for layers in (net.psi, net.head, net.value_head)
+        if layers is not None
+        for name, p in layers.named_parameters()
+        if name.split(".")[-1] == "weight"
+    )  # Figure 5, right
+    print(
+        f"network: {net.description}; bottleneck {params_bottleneck:,} weights, {params_total:,} parameters in "
+        f"all; device {device}"
+    )
+
+    check_replay_fits(args, device)
+    replay = DeviceReplay(args.buffer_size, args.num_envs, args.frame_size, args.frame_stack, args.n_step, args.gamma, device)
+    if state:
+        restore_training_state(state, net, target_net, optimizer, replay)
+        replay.end_streams()
+        loop["resumes"] += 1
+        if replay.adds == 0 and loop["global_step"] > 0:
+            loop["learning_from"] = loop["global_step"] + args.learning_starts
+            print(f"the checkpoint holds no replay: refilling it for {args.learning_starts:,} steps before learning")
+        print(f"resuming {run_dir} at step {loop['global_step']:,} (resume {loop['resumes']})")
+        del state  # frees the checkpoint's copy of the replay
+    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
+    stop_signals = []  # SIGTERM and SIGUSR1 (Slurm's warnings before preemption) checkpoint and exit with PREEMPTED
+    handlers = {}  # the handlers they replace, put back at the end
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        handlers[sig] = signal.signal(sig, lambda received, frame: stop_signals.append(received))
+    # a resume drops the events logged after its checkpoint's step (those at that step were logged before it)
+    writer = SummaryWriter(run_dir, purge_step=loop["global_step"] + 1 if loop["global_step"] else None)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+
+    obs = torch.zeros(args.num_envs, args.frame_stack, args.frame_size, args.frame_size, dtype=torch.uint8, device=device)
+    obs[:, -1] = torch.as_tensor(envs.reset(), device=device)
+    episode_returns = np.zeros(args.num_envs)
+    episode_lengths = np.zeros(args.num_envs, dtype=np.int64)
+    iteration_returns, returns_by_iteration, last_return = (
+        loop["iteration_returns"],
+        loop["returns_by_iteration"],
+        loop["last_return"],
+    )
+    eval_by_iteration, eval_returns = loop["eval_by_iteration"], loop["eval_returns"]
+    stats = torch.zeros(2, device=device)  # running sums of the loss and the Q-value of the taken actions
+    update = accelerated(make_update(net, target_net, optimizer, replay, args, stats), args)
+    act = accelerated(lambda obs, epsilon: select_actions(net, obs, epsilon, with_noise=True), args)
+    epsilon_on_device = torch.ones((), device=device)
+    stats_count, updates, global_step, epsilon = 0, loop["updates"], loop["global_step"], 1.0
+    diagnostics_obs = None if loop["diagnostics_obs"] is None else loop["diagnostics_obs"].to(device)
+    sps_start_time, sps_start_step, last_progress = time.time(), global_step, 0.0
+    loop_wall_seconds = loop["wall_seconds"]
+
+    while global_step < args.total_timesteps:
+        epsilon = (
+            0.0 if args.noisy else linear_schedule(global_step, args.learning_starts, args.epsilon_decay_steps, args.end_e)
+        )
+        if epsilon >= 1.0:
+            actions = torch.randint(0, envs.num_actions, (args.num_envs,), device=device)
+        else:
+            actions = act(obs, epsilon_on_device.fill_(epsilon))
+        host_actions = actions.cpu().numpy()  # the loop's one wait for the device
+        previous_step, global_step = global_step, global_step + args.num_envs
+        # Updates are queued before the env step, so the device trains while the host steps the envs (this step's
+        # transition joins the replay after them; Dopamine stores it first).
+        due = int(global_step // args.train_frequency) - int(previous_step // args.train_frequency)
+        new_updates = due if global_step > loop["learning_from"] and replay.adds > args.n_step else 0  # something to sample
+        if new_updates:
+            replay.flush()
+        for _ in range(new_updates):
+            update()
+        stats_count, updates = stats_count + new_updates, updates + new_updates
+        frames, rewards, terminated, truncated, life_lost = envs.step(host_actions)
+
+        episode_returns += rewards
+        episode_lengths += 1
+        for i in np.flatnonzero(terminated | truncated):
+            last_return = float(episode_returns[i])
+            iteration_returns.append(last_return)
+            writer.add_scalar("charts/episodic_return", last_return, global_step)
+            writer.add_scalar("charts/episodic_length", int(episode_lengths[i]), global_step)
+            episode_returns[i], episode_lengths[i] = 0.0, 0
+
+        learning_terminal = terminated | (life_lost & args.terminal_on_life_loss)  # the game may go on
+        terminated_on_device, truncated_on_device = to_device(learning_terminal, device), to_device(truncated, device)
+        replay.add(obs[:, -1], actions, to_device(rewards, device).clamp(-1.0, 1.0), terminated_on_device, truncated_on_device)
+        obs = advance_stack(obs, to_device(frames, device), terminated_on_device | truncated_on_device)
+
+        if global_step // args.target_network_frequency != previous_step // args.target_network_frequency:
+            target_net.load_state_dict(net.state_dict())
+
+        checkpoint_due = (
+            args.checkpoint_every and global_step // args.checkpoint_every != previous_step // args.checkpoint_every
+        )
+        if global_step // args.log_every != previous_step // args.log_every or checkpoint_due or stop_signals:
+            if stats_count:  # the only reads of device values in the loop
+                loss_mean, q_mean = (stats / stats_count).tolist()
+                if not (math.isfinite(loss_mean) and math.isfinite(q_mean)):
+                    fail(
+                        f"the loss became {loss_mean} and the Q-value {q_mean} by step {global_step:,}; stopped, "
+                        f"the last good checkpoint stays in {run_dir}",
+                        DIVERGED,
+                    )
+                writer.add_scalar("losses/td_loss", loss_mean, global_step)
+                writer.add_scalar("losses/q_values", q_mean, global_step)
+                stats.zero_()
+                stats_count = 0
+            writer.add_scalar("charts/epsilon", epsilon, global_step)
+            writer.add_scalar("charts/SPS", (global_step - sps_start_step) / (time.time() - sps_start_time), global_step)
+
+        if global_step // args.diagnostics_every != previous_step // args.diagnostics_every and replay.adds > args.n_step + 1:
+            if diagnostics_obs is None:  # fixed once, so the curves compare the network with itself
+                diagnostics_obs = replay.sample(args.diagnostics_batch_size)["obs"]
+            dormant = dormant_fractions(net, diagnostics_obs, args.dormant_tau)
+            with torch.no_grad():
+                feature_norm = net.bottleneck_features(diagnostics_obs).norm(dim=1).mean().item()
+            writer.add_scalar("diagnostics/dormant_fraction_phi", dormant["phi"], global_step)
+            writer.add_scalar("diagnostics/dormant_fraction_psi", dormant["psi"], global_step)
+            writer.add_scalar("diagnostics/bottleneck_feature_norm", feature_norm, global_step)
+
+        if global_step // args.iteration_steps != previous_step // args.iteration_steps or global_step >= args.total_timesteps:
+            mean_return = float(np.mean(iteration_returns)) if iteration_returns else None
+            returns_by_iteration.append(dict(step=global_step, mean_return=mean_return, episodes=len(iteration_returns)))
+            if mean_return is not None:
+                writer.add_scalar("charts/iteration_mean_return", mean_return, global_step)
+            iteration_returns = []
+            if args.eval_episodes > 0:
+                evaluated_in = time.time()
+                video = [] if args.capture_video else None
+                eval_returns = evaluate(net, args, device, seed=args.seed + 10_000 * len(returns_by_iteration), video=video)
+                eval_by_iteration.append(
+                    dict(step=global_step, mean_return=float(np.mean(eval_returns)), episodes=len(eval_returns))
+                )
+                writer.add_scalar("eval/mean_return", eval_by_iteration[-1]["mean_return"], global_step)
+                if video:
+                    write_video(video, writer, run_dir, global_step)
+                sps_start_time += time.time() - evaluated_in  # SPS counts training time only
+                print(
+                    f"evaluation at step {global_step:,}: mean return {eval_by_iteration[-1]['mean_return']:.2f} "
+                    f"over {len(eval_returns)} episodes in {time.time() - evaluated_in:.0f} s",
+                    flush=True,
+                )
+
+        if updates - new_updates < 10 <= updates:  # SPS counts from the 10th update: learning runs, compilation is done
+            sps_start_time, sps_start_step = time.time(), global_step
+        if time.time() - last_progress > args.progress_seconds or global_step >= args.total_timesteps:
+            last_progress = time.time()
+            sps = (global_step - sps_start_step) / max(time.time() - sps_start_time, 1e-9)
+            eta = (args.total_timesteps - global_step) / max(sps, 1e-9)
+            print(
+                f"step {global_step:,}/{args.total_timesteps:,} ({100 * global_step / args.total_timesteps:.1f}%) "
+                f"| {sps:.0f} SPS | ETA {format_seconds(eta)} | updates {updates:,} | epsilon {epsilon:.3f} "
+                f"| last return {last_return if last_return is not None else '-'}",
+                flush=True,
+            )
+
+        if checkpoint_due or stop_signals:  # after the stats read above: nothing diverged up to here
+            loop.update(
+                global_step=global_step,
+                updates=updates,
+                iteration_returns=iteration_returns,
+                returns_by_iteration=returns_by_iteration,
+                last_return=last_return,
+                diagnostics_obs=None if diagnostics_obs is None else diagnostics_obs.cpu(),
+                wall_seconds=loop_wall_seconds + time.time() - start_time,
+                eval_by_iteration=eval_by_iteration,
+                eval_returns=eval_returns,
+            )
+            written_in = time.time()
+            write_atomically(training_state(net, target_net, optimizer, replay, args, loop), checkpoint_path)
+            print(
+                f"checkpoint at step {global_step:,}: {os.path.getsize(checkpoint_path) / 1e9:.2f} GB in "
+                f"{time.time() - written_in:.1f} s",
+                flush=True,
+            )
+        if stop_signals:
+            print(
+                f"{signal.Signals(stop_signals[0]).name}: checkpointed step {global_step:,}; exiting with code "
+                f"{PREEMPTED}, continue with --resume {run_dir}",
+                flush=True,
+            )
+            writer.close()
+            envs.close()
+            raise SystemExit(PREEMPTED)
+
+    envs.close()
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+    summary = dict(
+        script=os.path.basename(__file__),
+        args=asdict(args),
+        env_id=args.env_id,
+        seed=args.seed,
+        env_steps=global_step,
+        frames=global_step * envs.frames_per_step,
+        updates=updates,
+        wall_seconds=loop_wall_seconds + time.time() - start_time,
+        device=str(device),
+        sps=(global_step - sps_start_step) / max(time.time() - sps_start_time, 1e-9),
+        params_total=params_total,
+        params_bottleneck=params_bottleneck,
+        params_psi=params_psi,
+        returns_by_iteration=returns_by_iteration,
+        final_return=returns_by_iteration[-1]["mean_return"] if returns_by_iteration else None,
+        eval_by_iteration=eval_by_iteration,
+        eval_returns=eval_returns,
+        eval_return=eval_by_iteration[-1]["mean_return"] if eval_by_iteration else None,
+    )
+    summary["human_normalized_score"] = human_normalized_score(args.env_id, summary["eval_return"])
+    if args.capture_video and args.eval_episodes == 0:  # no evaluation: one episode played as evaluation plays
+        video = []
+        evaluate(net, replace(args, eval_episodes=1), device, seed=args.seed + 10_000 * len(returns_by_iteration), video=video)
+        write_video(video, writer, run_dir, global_step)
+    if args.save_model:
+        torch.save({"model": net.state_dict(), "args": asdict(args)}, os.path.join(run_dir, "model.pt"))
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    writer.close()
+    print(
+        f"done: {global_step:,} steps, {updates:,} updates in {format_seconds(summary['wall_seconds'])}; "
+        f"final return {summary['final_return']}, evaluation {summary['eval_return']} (human-normalised "
+        f"{summary['human_normalized_score']}); run folder {run_dir}"
+    )
+    summary["run_dir"] = run_dir
+    return summary
+
+
+# ======================================================================================================================
+# Plumbing: exit codes and argument checks, the environment adapters, the CUDA-graph wrapper, checkpoint I/O and videos.
+# None of it changes the method above; main() calls it.
+# ======================================================================================================================
 BAD_INPUT, DIVERGED, PREEMPTED = 2, 3, 75  # exit codes; 75 (EX_TEMPFAIL): checkpointed on SIGTERM/SIGUSR1, resume it
 
 
@@ -509,493 +1299,6 @@ def make_env(args: Args, num_envs: Optional[int] = None, seed: Optional[int] = N
     return GymnasiumPixels(env_id, num_envs, seed, args, is_ale=env_id.startswith("ALE/"))
 
 
-# Network: phi (encoder) -> bottleneck pooling -> psi (dense layers)
-def pad_same(x: torch.Tensor, kernel: int, stride: int, value: float = 0.0) -> torch.Tensor:
-    """TensorFlow/flax 'SAME' padding (extra row/column at the bottom/right), as Dopamine's networks use."""
-    pads = []
-    for size in (x.shape[-1], x.shape[-2]):
-        total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
-        pads += [total // 2, total - total // 2]
-    return F.pad(x, pads, value=value)
-
-
-def lecun_normal_(weight: torch.Tensor):
-    """flax's default kernel initialiser: truncated normal at 2 std, variance 1/fan_in."""
-    std = (weight[0].numel() ** -0.5) / 0.87962566103423978  # the truncation shrinks the std by this factor
-    nn.init.trunc_normal_(weight, 0.0, std, -2 * std, 2 * std)
-
-
-class ResidualBlock(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.relu0, self.conv0 = nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1)
-        self.relu1, self.conv1 = nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1)
-        for conv in (self.conv0, self.conv1):  # flax's default, as in Dopamine's Stack
-            lecun_normal_(conv.weight), nn.init.zeros_(conv.bias)
-
-    def forward(self, x):
-        return x + self.conv1(self.relu1(self.conv0(self.relu0(x))))
-
-
-class ImpalaStack(nn.Module):
-    def __init__(self, in_channels: int, channels: int, blocks: int = 2):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, channels, 3, padding=1)
-        nn.init.xavier_uniform_(self.conv.weight), nn.init.zeros_(self.conv.bias)
-        self.blocks = nn.Sequential(*[ResidualBlock(channels) for _ in range(blocks)])
-
-    def forward(self, x):
-        x = F.max_pool2d(pad_same(self.conv(x), 3, 2, float("-inf")), 3, 2)
-        return self.blocks(x)
-
-
-class ImpalaEncoder(nn.Module):
-    def __init__(self, in_channels: int, scale: float, blocks_per_stack: int = 2, extra_blocks: int = 0):
-        super().__init__()
-        widths = [max(1, round(c * scale)) for c in (16, 32, 32)]
-        blocks = [blocks_per_stack, blocks_per_stack, blocks_per_stack + extra_blocks]  # phi's output keeps its shape
-        self.stacks = nn.Sequential(*[ImpalaStack(i, o, b) for i, o, b in zip([in_channels] + widths[:-1], widths, blocks)])
-        self.relu = nn.ReLU()
-
-    def forward(self, x):
-        return self.relu(self.stacks(x))
-
-
-class NatureEncoder(nn.Module):
-    def __init__(self, in_channels: int, scale: float):
-        super().__init__()
-        c1, c2 = max(1, round(32 * scale)), max(1, round(64 * scale))
-        self.specs = [(8, 4), (4, 2), (3, 1)]
-        self.convs = nn.ModuleList([nn.Conv2d(in_channels, c1, 8, 4), nn.Conv2d(c1, c2, 4, 2), nn.Conv2d(c2, c2, 3, 1)])
-        self.relus = nn.ModuleList([nn.ReLU() for _ in self.convs])
-        for conv in self.convs:  # labs/moes RainbowCNNet: Xavier-uniform kernels, zero biases
-            nn.init.xavier_uniform_(conv.weight)
-            nn.init.zeros_(conv.bias)
-
-    def forward(self, x):
-        for (kernel, stride), conv, relu in zip(self.specs, self.convs, self.relus):
-            x = relu(conv(pad_same(x, kernel, stride)))
-        return x
-
-
-class Bottleneck(nn.Module):
-    """How phi's H x W x C output reaches psi: flattened (H*W*C) or pooled over H x W (C)."""
-
-    def __init__(self, pooling: str):
-        super().__init__()
-        self.pooling = pooling
-
-    def forward(self, features):
-        if self.pooling == "gap":
-            return features.mean(dim=(2, 3))
-        if self.pooling == "max":
-            return features.amax(dim=(2, 3))
-        return features.flatten(1)
-
-
-class NoisyLinear(nn.Module):
-    """Factorised Gaussian noisy layer (Fortunato et al. 2018, eqs. 10-11) with Dopamine's initialisation, its noise
-    drawn per sample. Row r of a batch sees the weights W + sigma_W * outer(eps_out[r], eps_in[r]) and the bias
-    b + sigma_b * eps_out[r], with eps = f(N(0, 1)), f(e) = sign(e) sqrt(|e|). Its output is computed as
-
-        y = W x + b + eps_out * (sigma_W (eps_in * x) + sigma_b)
-
-    two matmuls, never the perturbed weight matrix. `noise` maps each noisy layer's name to its (eps_in, eps_out),
-    one row per sample or one row shared by the batch; without it the layer uses its mean weights (evaluation)."""
-
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__()
-        bound, sigma = in_features**-0.5, 0.1 * in_features**-0.5
-        self.weight = nn.Parameter(torch.empty(out_features, in_features).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.empty(out_features).uniform_(-bound, bound))
-        self.weight_sigma = nn.Parameter(torch.full((out_features, in_features), sigma))
-        self.bias_sigma = nn.Parameter(torch.full((out_features,), sigma))
-        self.in_features, self.out_features = in_features, out_features
-        self.name = ""  # the key of its noise, set by QNetwork to the layer's name in the network
-
-    def sample_noise(self, rows: int):
-        """(eps_in, eps_out) of shapes (rows, in) and (rows, out): f(N(0, 1)), f(e) = sign(e) sqrt(|e|)."""
-
-        def scaled(shape):
-            e = torch.randn(shape, device=self.weight.device)
-            return e.sign() * e.abs().sqrt()
-
-        eps_in = scaled((rows, self.in_features))
-        eps_out = scaled((rows, self.out_features))
-        return eps_in, eps_out
-
-    def forward(self, x, noise: Optional[dict] = None):
-        mean = F.linear(x, self.weight, self.bias)
-        if not noise:
-            return mean
-        eps_in, eps_out = noise[self.name]
-        return mean + eps_out * F.linear(x * eps_in, self.weight_sigma, self.bias_sigma)
-
-
-class Linear(nn.Linear):
-    """A plain dense layer with Xavier-uniform weights (flax's Dense as Dopamine uses it); it has no noise to take."""
-
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__(in_features, out_features)
-        nn.init.xavier_uniform_(self.weight)
-        nn.init.zeros_(self.bias)
-
-    def forward(self, x, noise: Optional[dict] = None):
-        return super().forward(x)
-
-
-def dense(in_features: int, out_features: int, noisy: bool) -> nn.Module:
-    return NoisyLinear(in_features, out_features) if noisy else Linear(in_features, out_features)
-
-
-class Psi(nn.Module):
-    """psi's hidden layers: the bottleneck layer, then the extra layers, each dense -> [LayerNorm] -> ReLU."""
-
-    def __init__(self, in_features: int, args: Args):
-        super().__init__()
-        width = 512 * args.scale
-        extra_width = width if args.extra_dense_scaled else 512
-        self.widths = [width] + [extra_width] * args.extra_dense_layers
-        self.layers = nn.ModuleList([dense(in_features, width, args.noisy)])
-        for _ in range(args.extra_dense_layers):
-            self.layers.append(dense(self.layers[-1].weight.shape[0], extra_width, args.noisy and args.extra_dense_scaled))
-        norms = [nn.LayerNorm(w) if args.layer_norm else nn.Identity() for w in self.widths]
-        self.norms = nn.ModuleList(norms)
-        self.relus = nn.ModuleList([nn.ReLU() for _ in self.widths])  # one each, so dormant counting sees each layer
-
-    def forward(self, x, noise: Optional[dict] = None):
-        for layer, norm, relu in zip(self.layers, self.norms, self.relus):
-            x = relu(norm(layer(x, noise)))
-        return x
-
-
-class QNetwork(nn.Module):
-    """psi(pool(phi(x))) returning C51 logits of shape (batch, actions, atoms)."""
-
-    def __init__(self, num_actions: int, args: Args):
-        super().__init__()
-        self.num_actions, self.num_atoms, self.dueling = num_actions, args.num_atoms, args.dueling
-        if args.encoder == "impala":
-            self.phi = ImpalaEncoder(args.frame_stack, args.encoder_scale, args.encoder_blocks, args.encoder_extra_blocks)
-        else:
-            self.phi = NatureEncoder(args.frame_stack, args.encoder_scale)
-        self.pool = Bottleneck(args.pooling)
-        with torch.no_grad():
-            self.feature_shape = tuple(self.phi(torch.zeros(1, args.frame_stack, args.frame_size, args.frame_size)).shape[1:])
-        bottleneck_inputs = self.pool(torch.zeros(1, *self.feature_shape)).shape[1]
-        width = 512 * args.scale
-        self.psi = Psi(bottleneck_inputs, args)
-        self.bottleneck = self.psi.layers[0]  # the weights joining phi's (pooled) output to psi
-        self.head = dense(self.psi.widths[-1], num_actions * args.num_atoms, args.noisy)
-        self.value_head = dense(self.psi.widths[-1], args.num_atoms, args.noisy) if args.dueling else None
-        self.register_buffer("support", torch.linspace(-args.v_max, args.v_max, args.num_atoms))
-        for name, module in self.named_modules():
-            if isinstance(module, NoisyLinear):
-                module.name = name
-        c, h, w = self.feature_shape
-        self.description = f"{args.encoder} phi -> {h}x{w}x{c} -> {args.pooling} -> {bottleneck_inputs} -> psi {width}"
-
-    def sample_noise(self, rows: int) -> dict:
-        """Fresh noise for every noisy layer: `rows` rows (one per sample, or one shared by the batch); {} if none."""
-        noise = {}
-        for module in self.modules():
-            if isinstance(module, NoisyLinear):
-                noise[module.name] = module.sample_noise(rows)
-        return noise
-
-    def bottleneck_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.phi(x.float() / 255.0))
-
-    def forward(self, x: torch.Tensor, noise: Optional[dict] = None) -> torch.Tensor:
-        """C51 logits; `noise` from sample_noise() perturbs the noisy layers, None uses their mean weights."""
-        hidden = self.psi(self.bottleneck_features(x), noise)
-        logits = self.head(hidden, noise).view(-1, self.num_actions, self.num_atoms)
-        if self.dueling:
-            logits = self.value_head(hidden, noise).unsqueeze(1) + logits - logits.mean(dim=1, keepdim=True)
-        return logits
-
-    def q_values(self, x: torch.Tensor, noise: Optional[dict] = None) -> torch.Tensor:
-        return (self.forward(x, noise).softmax(-1) * self.support).sum(-1)
-
-
-def project_distribution(target_support: torch.Tensor, probs: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
-    """C51 projection of `probs` on `target_support` (batch, atoms) onto the fixed `support` (Dopamine's form)."""
-    delta = support[1] - support[0]
-    clipped = target_support.clamp(support[0], support[-1])
-    weights = (1.0 - (clipped.unsqueeze(1) - support.view(1, -1, 1)).abs() / delta).clamp(0.0, 1.0)
-    return (weights * probs.unsqueeze(1)).sum(-1)
-
-
-def linear_schedule(step: int, learning_starts: int, decay_steps: int, end_e: float) -> float:
-    """Dopamine's linearly_decaying_epsilon: 1 until learning starts, then linear to end_e."""
-    steps_left = decay_steps + learning_starts - step
-    return end_e + min(max((1.0 - end_e) * steps_left / decay_steps, 0.0), 1.0 - end_e)
-
-
-@torch.no_grad()
-def dormant_fractions(net: QNetwork, obs: torch.Tensor, tau: float) -> dict:
-    """Fraction of dormant neurons in phi and psi (Sokar et al. 2023): a unit (channel for convs) is dormant when
-    its mean |activation| over the batch, divided by its layer's average, is at most tau. Noisy layers use their
-    mean weights."""
-    activations = {"phi": [], "psi": []}
-    hooks = [
-        module.register_forward_hook(lambda m, i, o, part=part: activations[part].append(o))
-        for part in ("phi", "psi")
-        for module in getattr(net, part).modules()
-        if isinstance(module, nn.ReLU)
-    ]
-    net(obs)
-    for hook in hooks:
-        hook.remove()
-    result = {}
-    for part, outputs in activations.items():
-        scores = [o.abs().mean(dim=(0, 2, 3)) if o.dim() == 4 else o.abs().mean(dim=0) for o in outputs]
-        dormant = [(score / (score.mean() + 1e-9) <= tau) for score in scores]  # normalised per layer
-        result[part] = float(sum(d.sum() for d in dormant)) / max(sum(d.numel() for d in dormant), 1)
-    return result
-
-
-# Replay on the device: each env owns a circular stream of `capacity` slots; slot t holds the frame seen at t,
-# the action taken, the clipped reward, and whether the episode ended (terminal or truncated) at t.
-class DeviceReplay:
-    block = 1024  # prioritized sampling searches block sums, then one block
-
-    @staticmethod
-    def bytes_needed(buffer_size: int, frame_size: int) -> int:
-        return buffer_size * (frame_size * frame_size + 4 + 4 + 1 + 1 + 4)
-
-    def __init__(
-        self, buffer_size: int, num_envs: int, frame_size: int, stack: int, n_step: int, gamma: float, device: torch.device
-    ):
-        self.num_envs, self.capacity = num_envs, buffer_size // num_envs
-        self.stack, self.n_step, self.device = stack, n_step, device
-        size = self.num_envs * self.capacity
-        self.frames = torch.zeros(size, frame_size, frame_size, dtype=torch.uint8, device=device)
-        self.actions = torch.zeros(size, dtype=torch.int32, device=device)
-        self.rewards = torch.zeros(size, dtype=torch.float32, device=device)
-        self.terminal = torch.zeros(size, dtype=torch.bool, device=device)
-        # unwritten slots count as episode ends, so the stream's first stack is zero-padded
-        self.episode_end = torch.ones(size, dtype=torch.bool, device=device)
-        self.num_blocks = -(-size // self.block)
-        self.priorities = torch.zeros(self.num_blocks * self.block, dtype=torch.float32, device=device)
-        self.max_priority = torch.ones((), device=device)
-        self.discounts = gamma ** torch.arange(n_step + 1, dtype=torch.float32, device=device)
-        self.env_offset = torch.arange(num_envs, device=device) * self.capacity
-        self.cursor, self.adds, self.staged = 0, 0, []
-        # steps held back at most; fewer than the ring's free slots, so one flush never writes a slot twice
-        self.max_staged = min(32, self.capacity - n_step - stack)
-
-    def add(self, frames, actions, rewards, terminated, truncated):
-        """Hand over one step for every env (tensors of shape (num_envs, ...) on the device). Steps are held back and
-        written together by flush(), a few launches for many steps (on a GPU, small launches cost more than their
-        work); every read (sample, state_dict, end_streams) flushes first, so what they see is the same."""
-        self.staged.append((frames, actions.to(torch.int32, copy=True), rewards, terminated, truncated))  # a copy:
-        self.adds += 1  # the graphed action selection reuses its output tensor
-        if len(self.staged) >= self.max_staged:
-            self.flush()
-
-    def flush(self):
-        """Write the held-back steps; the result equals writing them one at a time (see tests/test_replay.py)."""
-        steps = len(self.staged)
-        if steps == 0:
-            return
-        frames, actions, rewards, terminated, truncated = (
-            field[0].unsqueeze(0) if steps == 1 else torch.stack(field) for field in zip(*self.staged)
-        )
-        self.staged = []
-        offset = self.env_offset.unsqueeze(0)
-        slot = offset + (self.cursor + torch.arange(steps, device=self.device).unsqueeze(1)) % self.capacity
-        self.frames[slot] = frames
-        self.actions[slot] = actions
-        self.rewards[slot] = rewards
-        self.terminal[slot] = terminated
-        self.episode_end[slot] = terminated | truncated
-        # each new slot and the stack - 1 after it, whose frame history now begins with a newer frame, are unsampleable
-        later = (self.cursor + torch.arange(steps + self.stack - 1, device=self.device)) % self.capacity
-        self.priorities[(offset + later.unsqueeze(1)).flatten()] = 0.0
-        # the step written k-th completes the n-step future of the slot n_step before it, once that slot exists
-        first = max(0, self.n_step - (self.adds - steps))
-        if first < steps:
-            back = (self.cursor - self.n_step + torch.arange(first, steps, device=self.device)) % self.capacity
-            window = (back.unsqueeze(1) + torch.arange(self.n_step, device=self.device)) % self.capacity
-            window = offset.unsqueeze(2) + window.unsqueeze(1)  # (steps, env, n_step)
-            ends, terminal = self.episode_end[window], self.terminal[window]
-            ended_before = torch.cumsum(ends.int(), 2) - ends.int() > 0
-            truncated_first = (ends & ~terminal & ~ended_before).any(2)
-            self.priorities[offset + back.unsqueeze(1)] = torch.where(truncated_first, 0.0, self.max_priority)
-        self.cursor = (self.cursor + steps) % self.capacity
-
-    def state_dict(self, with_contents: bool) -> dict:
-        self.flush()
-        if not with_contents:  # the resumed run starts from an empty replay
-            return dict(max_priority=self.max_priority.cpu(), cursor=0, adds=0)
-        names = ["frames", "actions", "rewards", "terminal", "episode_end", "priorities", "max_priority"]
-        return dict({name: getattr(self, name).cpu() for name in names}, cursor=self.cursor, adds=self.adds)
-
-    def load_state_dict(self, state: dict):
-        for name, value in state.items():
-            if isinstance(value, torch.Tensor):
-                getattr(self, name).copy_(value)  # in place, so the tensors keep their (graph-captured) addresses
-        self.cursor, self.adds, self.staged = state["cursor"], state["adds"], []
-
-    def end_streams(self):
-        """End every env's stream with a truncation where an episode was running (a resumed run's envs start new
-        episodes): no stack or n-step window reaches across."""
-        self.flush()
-        if self.adds == 0:
-            return
-        last = self.env_offset + (self.cursor - 1) % self.capacity
-        running = ~self.terminal[last]
-        self.episode_end[last] = True
-        window = (
-            self.env_offset.unsqueeze(1) + (self.cursor - 1 - torch.arange(self.n_step, device=self.device)) % self.capacity
-        )
-        self.priorities[window] = torch.where(running.unsqueeze(1), 0.0, self.priorities[window])
-
-    def _stacks(self, index: torch.Tensor) -> torch.Tensor:
-        """Frame stacks ending at flat `index`, zeroing frames from before each episode's start."""
-        env = index // self.capacity
-        offsets = torch.arange(self.stack - 1, -1, -1, device=self.device)
-        history = (index.unsqueeze(1) - env.unsqueeze(1) * self.capacity - offsets) % self.capacity
-        history = history + env.unsqueeze(1) * self.capacity
-        ends = self.episode_end[history[:, :-1]].int()
-        blocked = torch.flip(torch.cummax(torch.flip(ends, [1]), 1).values, [1]) > 0
-        visible = torch.cat([~blocked, torch.ones_like(blocked[:, :1])], 1)
-        return self.frames[history] * visible[:, :, None, None]
-
-    def sample(self, batch_size: int) -> dict:
-        """Stratified prioritized sample: obs, actions, n-step returns and discounts, next obs, probabilities."""
-        self.flush()  # in eager code; graph-captured updates replay without Python, so the loop flushes before them
-        blocks = self.priorities.view(self.num_blocks, self.block)
-        block_sums = blocks.sum(1, dtype=torch.float64)
-        cumulative = block_sums.cumsum(0)
-        total = cumulative[-1]
-        targets = (
-            (torch.arange(batch_size, device=self.device) + torch.rand(batch_size, device=self.device, dtype=torch.float64))
-            / batch_size
-            * total
-        )
-        targets = torch.minimum(targets, total * (1 - 1e-9))
-        block = torch.searchsorted(cumulative, targets.unsqueeze(1), right=True).squeeze(1).clamp(max=self.num_blocks - 1)
-        residual = targets - (cumulative[block] - block_sums[block])
-        inner = blocks[block].double().cumsum(1)
-        residual = torch.minimum(residual.clamp(min=0.0), inner[:, -1] * (1 - 1e-9))
-        position = torch.searchsorted(inner, residual.unsqueeze(1), right=True).squeeze(1).clamp(max=self.block - 1)
-        index = block * self.block + position
-
-        env = index // self.capacity
-        steps = torch.arange(self.n_step, device=self.device)
-        window = (index.unsqueeze(1) - env.unsqueeze(1) * self.capacity + steps) % self.capacity + env.unsqueeze(
-            1
-        ) * self.capacity
-        ends = self.episode_end[window].float()
-        alive = torch.cat([torch.ones_like(ends[:, :1]), torch.cumprod(1.0 - ends, 1)[:, :-1]], 1)
-        returns = (self.rewards[window] * alive * self.discounts[:-1]).sum(1)
-        not_done = torch.cumprod(1.0 - ends, 1)[:, -1]
-        next_index = (index - env * self.capacity + self.n_step) % self.capacity + env * self.capacity
-        return dict(
-            index=index,
-            obs=self._stacks(index),
-            actions=self.actions[index].long(),
-            returns=returns,
-            discounts=self.discounts[-1] * not_done,
-            next_obs=self._stacks(next_index),
-            probs=(self.priorities[index] / total).float(),
-        )
-
-    def update_priorities(self, index: torch.Tensor, priorities: torch.Tensor):
-        self.priorities[index] = priorities
-        torch.maximum(self.max_priority, priorities.max(), out=self.max_priority)  # in place: CUDA graphs keep addresses
-
-
-def check_replay_fits(args: Args, device: torch.device):
-    needed = DeviceReplay.bytes_needed(args.buffer_size, args.frame_size)
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        with open("/proc/meminfo") as meminfo:
-            free = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable"))
-    where = f"{device.type} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu (host RAM)"
-    print(f"replay: {args.buffer_size:,} transitions, {needed / 1e9:.2f} GB on {where}, {free / 1e9:.1f} GB free")
-    if needed > 0.9 * free:
-        fail(
-            f"the replay needs {needed / 1e9:.2f} GB but only {free / 1e9:.1f} GB is free on {where}; "
-            f"lower --buffer-size (each transition takes {needed / args.buffer_size:.0f} bytes)"
-        )
-
-
-# Training
-def select_actions(net: QNetwork, obs: torch.Tensor, epsilon, with_noise: bool) -> torch.Tensor:
-    """Epsilon-greedy on the device (epsilon is a device scalar, so nothing waits for the host). In training the noisy
-    layers draw fresh noise for each env, as each Dopamine action draws its own; evaluation uses the mean weights."""
-    with torch.no_grad():
-        greedy = net.q_values(obs, net.sample_noise(obs.shape[0]) if with_noise else None).argmax(1)
-    random_actions = torch.randint(0, net.num_actions, greedy.shape, device=obs.device)
-    return torch.where(torch.rand(greedy.shape, device=obs.device) < epsilon, random_actions, greedy)
-
-
-def importance_weights(probs: torch.Tensor) -> torch.Tensor:
-    """Dopamine's prioritized-replay correction: 1/sqrt(p), divided by its batch maximum."""
-    weights = 1.0 / torch.sqrt(probs + 1e-10)
-    return weights / weights.max()
-
-
-def advance_stack(obs: torch.Tensor, frames: torch.Tensor, ended: torch.Tensor) -> torch.Tensor:
-    """Push each env's new frame onto its stack; an env whose episode ended starts again from zeros."""
-    obs = torch.roll(obs, -1, 1) * ~ended.view(-1, 1, 1, 1)
-    obs[:, -1] = frames
-    return obs
-
-
-def c51_losses(net: QNetwork, target_net: QNetwork, batch: dict, double_dqn: bool):
-    """Per-sample cross-entropy between the projected n-step target and the online distribution. Noise as labs/moes
-    keys it: the online network's in the loss is drawn per sample; one draw serves the whole batch's target, and the
-    same draw perturbs the online network that picks the next action (Dopamine passes both the one key)."""
-    logits = net(batch["obs"], net.sample_noise(batch["obs"].shape[0]))
-    chosen = logits[torch.arange(logits.shape[0], device=logits.device), batch["actions"]]
-    with torch.no_grad():
-        target_noise = net.sample_noise(1)
-        next_probs = target_net(batch["next_obs"], target_noise).softmax(-1)
-        selector = net(batch["next_obs"], target_noise).softmax(-1) if double_dqn else next_probs
-        next_action = (selector * net.support).sum(-1).argmax(1)
-        next_dist = next_probs[torch.arange(next_probs.shape[0], device=logits.device), next_action]
-        target_support = batch["returns"].unsqueeze(1) + batch["discounts"].unsqueeze(1) * net.support
-        target = project_distribution(target_support, next_dist, net.support)
-    losses = -(target * chosen.log_softmax(-1)).sum(-1)
-    q_taken = (chosen.detach().softmax(-1) * net.support).sum(-1)
-    return losses, q_taken
-
-
-def make_optimizer(net: QNetwork, args: Args) -> torch.optim.Optimizer:
-    """Adam (AdamW with weight_decay 0 is Adam), the fused kernel: one launch instead of dozens on CUDA, and on a CPU
-    five times faster than the per-tensor loop over a flattened bottleneck's millions of weights."""
-    return torch.optim.AdamW(
-        net.parameters(),
-        lr=args.learning_rate,
-        eps=args.adam_eps,
-        weight_decay=args.weight_decay,
-        fused=True,
-        capturable=args.cudagraphs,
-    )
-
-
-def make_update(net: QNetwork, target_net: QNetwork, optimizer, replay: DeviceReplay, args: Args, stats: torch.Tensor):
-    """One gradient update, all on the device: sample, weighted C51 loss, optimizer step, new priorities, and the
-    running sums of loss and Q-value into `stats`."""
-
-    def update():
-        batch = replay.sample(args.batch_size)
-        losses, q_taken = c51_losses(net, target_net, batch, args.double_dqn)
-        loss = (losses * importance_weights(batch["probs"])).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        replay.update_priorities(batch["index"], torch.sqrt(losses.detach() + 1e-10))
-        stats.add_(torch.stack([losses.detach().mean(), q_taken.mean()]))
-
-    return update
-
-
 class CudaGraphed:
     """fn(*tensors) run eagerly on a side stream for its first calls (lazy state, compilation), then captured once in
     a CUDA graph and replayed: inputs are copied into static buffers, the output is the graph's static tensor. Every
@@ -1017,7 +1320,8 @@ class CudaGraphed:
             self.static_inputs, self.graph = [x.clone() for x in inputs], torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self.static_output = self.fn(*self.static_inputs)
-        [static.copy_(x) for static, x in zip(self.static_inputs, inputs)]
+        for static, x in zip(self.static_inputs, inputs):
+            static.copy_(x)
         self.graph.replay()
         return self.static_output
 
@@ -1076,7 +1380,8 @@ def restore_training_state(state: dict, net, target_net, optimizer, replay: Devi
     target_net.load_state_dict(state["target_net"])
     optimizer.load_state_dict(state["optimizer"])
     replay.load_state_dict(state["replay"])
-    torch.set_rng_state(state["rng"]["torch"]), np.random.set_state(state["rng"]["numpy"])
+    torch.set_rng_state(state["rng"]["torch"])
+    np.random.set_state(state["rng"]["numpy"])
     random.setstate(state["rng"]["python"])
     if state["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
@@ -1134,295 +1439,8 @@ def write_video(frames: list, writer: SummaryWriter, run_dir: str, global_step: 
     writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag="eval/video", image=image)]), global_step)
 
 
-def evaluate(net: QNetwork, args: Args, device: torch.device, seed: int, video: Optional[list] = None) -> list:
-    """`eval_episodes` whole games, one in each of as many parallel envs, so that short games are not over-counted;
-    epsilon `eval_epsilon`, noise off. The envs are made like the training envs, as in Dopamine's runner: no-op starts,
-    and a lost life restarts the frame stack (with terminal_on_life_loss) while the game and its return go on.
-    `video`, a list, gets the frames the agent sees in env 0's game (at most VIDEO_MAX_FRAMES)."""
-    envs = make_env(args, num_envs=args.eval_episodes, seed=seed)
-    obs = torch.zeros(args.eval_episodes, args.frame_stack, args.frame_size, args.frame_size, dtype=torch.uint8, device=device)
-    obs[:, -1] = torch.as_tensor(envs.reset(), device=device)
-    returns, playing = np.zeros(args.eval_episodes), np.ones(args.eval_episodes, dtype=bool)
-    while playing.any():
-        if video is not None and playing[0] and len(video) < VIDEO_MAX_FRAMES:  # env 0's first episode
-            video.append(obs[0, -1].clone().cpu())  # a copy: a view would keep the whole stack alive
-        actions = select_actions(net, obs, args.eval_epsilon, with_noise=False)
-        frames, rewards, terminated, truncated, life_lost = envs.step(actions.cpu().numpy())
-        returns += rewards * playing
-        playing &= ~(terminated | truncated)  # an env whose game ended plays on, uncounted
-        restart = terminated | truncated | (life_lost & args.terminal_on_life_loss)
-        obs = advance_stack(obs, torch.as_tensor(frames, device=device), torch.as_tensor(restart, device=device))
-    envs.close()
-    return returns.tolist()
-
-
 def format_seconds(seconds: float) -> str:
     return (f"{int(seconds) // 86400}d " if seconds >= 86400 else "") + time.strftime("%H:%M:%S", time.gmtime(seconds))
-
-
-def main(args: Args) -> dict:
-    validate_args(args)
-    start_time = time.time()
-    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32  # float32 unless asked
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    if args.cudagraphs and device.type != "cuda":
-        fail("--cudagraphs needs a CUDA device (none is available, or --no-cuda was given)")
-    state = read_checkpoint(args.resume, args) if args.resume else None
-    loop = dict(
-        global_step=0,
-        updates=0,
-        iteration_returns=[],
-        returns_by_iteration=[],
-        last_return=None,
-        diagnostics_obs=None,
-        wall_seconds=0.0,
-        resumes=0,
-        learning_from=args.learning_starts,
-        eval_by_iteration=[],
-        eval_returns=[],
-    )
-    loop = state["loop"] if state else loop
-
-    envs = make_env(args, seed=args.seed + 7919 * (loop["resumes"] + (state is not None)))  # new seeds on resume
-    run_name = f"{args.env_id.replace('/', '_').replace(':', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = args.resume or os.path.join(args.output_dir, run_name)
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-        tempfile.TemporaryFile(dir=run_dir).close()  # fails now, not at the first checkpoint, if unwritable
-    except OSError as error:
-        fail(f"cannot write to the run folder {run_dir}: {error.strerror}")
-
-    net = QNetwork(envs.num_actions, args).to(device)
-    target_net = QNetwork(envs.num_actions, args).to(device)
-    target_net.load_state_dict(net.state_dict())
-    optimizer = make_optimizer(net, args)
-    params_total = sum(p.numel() for p in net.parameters())
-    params_bottleneck = net.bottleneck.weight.numel()
-    params_psi = sum(
-        p.numel()
-        for layers in (net.psi, net.head, net.value_head)
-        if layers is not None
-        for name, p in layers.named_parameters()
-        if name.split(".")[-1] == "weight"
-    )  # Figure 5, right
-    print(
-        f"network: {net.description}; bottleneck {params_bottleneck:,} weights, {params_total:,} parameters in "
-        f"all; device {device}"
-    )
-
-    check_replay_fits(args, device)
-    replay = DeviceReplay(args.buffer_size, args.num_envs, args.frame_size, args.frame_stack, args.n_step, args.gamma, device)
-    if state:
-        restore_training_state(state, net, target_net, optimizer, replay)
-        replay.end_streams()
-        loop["resumes"] += 1
-        if replay.adds == 0 and loop["global_step"] > 0:
-            loop["learning_from"] = loop["global_step"] + args.learning_starts
-            print(f"the checkpoint holds no replay: refilling it for {args.learning_starts:,} steps before learning")
-        print(f"resuming {run_dir} at step {loop['global_step']:,} (resume {loop['resumes']})")
-        del state  # frees the checkpoint's copy of the replay
-    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
-    stop_signals = []  # SIGTERM and SIGUSR1 (Slurm's warnings before preemption) checkpoint and exit with PREEMPTED
-    handlers = {
-        sig: signal.signal(sig, lambda received, frame: stop_signals.append(received))
-        for sig in (signal.SIGTERM, signal.SIGUSR1)
-    }
-    # a resume drops the events logged after its checkpoint's step (those at that step were logged before it)
-    writer = SummaryWriter(run_dir, purge_step=loop["global_step"] + 1 if loop["global_step"] else None)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-
-    obs = torch.zeros(args.num_envs, args.frame_stack, args.frame_size, args.frame_size, dtype=torch.uint8, device=device)
-    obs[:, -1] = torch.as_tensor(envs.reset(), device=device)
-    episode_returns = np.zeros(args.num_envs)
-    episode_lengths = np.zeros(args.num_envs, dtype=np.int64)
-    iteration_returns, returns_by_iteration, last_return = (
-        loop["iteration_returns"],
-        loop["returns_by_iteration"],
-        loop["last_return"],
-    )
-    eval_by_iteration, eval_returns = loop["eval_by_iteration"], loop["eval_returns"]
-    stats = torch.zeros(2, device=device)  # running sums of the loss and the Q-value of the taken actions
-    update = accelerated(make_update(net, target_net, optimizer, replay, args, stats), args)
-    act = accelerated(lambda obs, epsilon: select_actions(net, obs, epsilon, with_noise=True), args)
-    epsilon_on_device = torch.ones((), device=device)
-    stats_count, updates, global_step, epsilon = 0, loop["updates"], loop["global_step"], 1.0
-    diagnostics_obs = None if loop["diagnostics_obs"] is None else loop["diagnostics_obs"].to(device)
-    sps_start_time, sps_start_step, last_progress = time.time(), global_step, 0.0
-    loop_wall_seconds = loop["wall_seconds"]
-
-    while global_step < args.total_timesteps:
-        epsilon = (
-            0.0 if args.noisy else linear_schedule(global_step, args.learning_starts, args.epsilon_decay_steps, args.end_e)
-        )
-        if epsilon >= 1.0:
-            actions = torch.randint(0, envs.num_actions, (args.num_envs,), device=device)
-        else:
-            actions = act(obs, epsilon_on_device.fill_(epsilon))
-        host_actions = actions.cpu().numpy()  # the loop's one wait for the device
-        previous_step, global_step = global_step, global_step + args.num_envs
-        # Updates are queued before the env step, so the device trains while the host steps the envs (this step's
-        # transition joins the replay after them; Dopamine stores it first).
-        due = int(global_step // args.train_frequency) - int(previous_step // args.train_frequency)
-        new_updates = due if global_step > loop["learning_from"] and replay.adds > args.n_step else 0  # something to sample
-        if new_updates:
-            replay.flush()
-        for _ in range(new_updates):
-            update()
-        stats_count, updates = stats_count + new_updates, updates + new_updates
-        frames, rewards, terminated, truncated, life_lost = envs.step(host_actions)
-
-        episode_returns += rewards
-        episode_lengths += 1
-        for i in np.flatnonzero(terminated | truncated):
-            last_return = float(episode_returns[i])
-            iteration_returns.append(last_return)
-            writer.add_scalar("charts/episodic_return", last_return, global_step)
-            writer.add_scalar("charts/episodic_length", int(episode_lengths[i]), global_step)
-            episode_returns[i], episode_lengths[i] = 0.0, 0
-
-        learning_terminal = terminated | (life_lost & args.terminal_on_life_loss)  # the game may go on
-        terminated_on_device, truncated_on_device = to_device(learning_terminal, device), to_device(truncated, device)
-        replay.add(obs[:, -1], actions, to_device(rewards, device).clamp(-1.0, 1.0), terminated_on_device, truncated_on_device)
-        obs = advance_stack(obs, to_device(frames, device), terminated_on_device | truncated_on_device)
-
-        if global_step // args.target_network_frequency != previous_step // args.target_network_frequency:
-            target_net.load_state_dict(net.state_dict())
-
-        checkpoint_due = (
-            args.checkpoint_every and global_step // args.checkpoint_every != previous_step // args.checkpoint_every
-        )
-        if global_step // args.log_every != previous_step // args.log_every or checkpoint_due or stop_signals:
-            if stats_count:  # the only reads of device values in the loop
-                loss_mean, q_mean = (stats / stats_count).tolist()
-                if not (math.isfinite(loss_mean) and math.isfinite(q_mean)):
-                    fail(
-                        f"the loss became {loss_mean} and the Q-value {q_mean} by step {global_step:,}; stopped, "
-                        f"the last good checkpoint stays in {run_dir}",
-                        DIVERGED,
-                    )
-                writer.add_scalar("losses/td_loss", loss_mean, global_step)
-                writer.add_scalar("losses/q_values", q_mean, global_step)
-                stats.zero_()
-                stats_count = 0
-            writer.add_scalar("charts/epsilon", epsilon, global_step)
-            writer.add_scalar("charts/SPS", (global_step - sps_start_step) / (time.time() - sps_start_time), global_step)
-
-        if global_step // args.diagnostics_every != previous_step // args.diagnostics_every and replay.adds > args.n_step + 1:
-            if diagnostics_obs is None:  # fixed once, so the curves compare the network with itself
-                diagnostics_obs = replay.sample(args.diagnostics_batch_size)["obs"]
-            dormant = dormant_fractions(net, diagnostics_obs, args.dormant_tau)
-            with torch.no_grad():
-                feature_norm = net.bottleneck_features(diagnostics_obs).norm(dim=1).mean().item()
-            writer.add_scalar("diagnostics/dormant_fraction_phi", dormant["phi"], global_step)
-            writer.add_scalar("diagnostics/dormant_fraction_psi", dormant["psi"], global_step)
-            writer.add_scalar("diagnostics/bottleneck_feature_norm", feature_norm, global_step)
-
-        if global_step // args.iteration_steps != previous_step // args.iteration_steps or global_step >= args.total_timesteps:
-            mean_return = float(np.mean(iteration_returns)) if iteration_returns else None
-            returns_by_iteration.append(dict(step=global_step, mean_return=mean_return, episodes=len(iteration_returns)))
-            if mean_return is not None:
-                writer.add_scalar("charts/iteration_mean_return", mean_return, global_step)
-            iteration_returns = []
-            if args.eval_episodes > 0:
-                evaluated_in = time.time()
-                video = [] if args.capture_video else None
-                eval_returns = evaluate(net, args, device, seed=args.seed + 10_000 * len(returns_by_iteration), video=video)
-                eval_by_iteration.append(
-                    dict(step=global_step, mean_return=float(np.mean(eval_returns)), episodes=len(eval_returns))
-                )
-                writer.add_scalar("eval/mean_return", eval_by_iteration[-1]["mean_return"], global_step)
-                if video:
-                    write_video(video, writer, run_dir, global_step)
-                sps_start_time += time.time() - evaluated_in  # SPS counts training time only
-                print(
-                    f"evaluation at step {global_step:,}: mean return {eval_by_iteration[-1]['mean_return']:.2f} "
-                    f"over {len(eval_returns)} episodes in {time.time() - evaluated_in:.0f} s",
-                    flush=True,
-                )
-
-        if updates - new_updates < 10 <= updates:  # SPS counts from the 10th update: learning runs, compilation is done
-            sps_start_time, sps_start_step = time.time(), global_step
-        if time.time() - last_progress > args.progress_seconds or global_step >= args.total_timesteps:
-            last_progress = time.time()
-            sps = (global_step - sps_start_step) / max(time.time() - sps_start_time, 1e-9)
-            eta = (args.total_timesteps - global_step) / max(sps, 1e-9)
-            print(
-                f"step {global_step:,}/{args.total_timesteps:,} ({100 * global_step / args.total_timesteps:.1f}%) "
-                f"| {sps:.0f} SPS | ETA {format_seconds(eta)} | updates {updates:,} | epsilon {epsilon:.3f} "
-                f"| last return {last_return if last_return is not None else '-'}",
-                flush=True,
-            )
-
-        if checkpoint_due or stop_signals:  # after the stats read above: nothing diverged up to here
-            loop.update(
-                global_step=global_step,
-                updates=updates,
-                iteration_returns=iteration_returns,
-                returns_by_iteration=returns_by_iteration,
-                last_return=last_return,
-                diagnostics_obs=None if diagnostics_obs is None else diagnostics_obs.cpu(),
-                wall_seconds=loop_wall_seconds + time.time() - start_time,
-                eval_by_iteration=eval_by_iteration,
-                eval_returns=eval_returns,
-            )
-            written_in = time.time()
-            write_atomically(training_state(net, target_net, optimizer, replay, args, loop), checkpoint_path)
-            print(
-                f"checkpoint at step {global_step:,}: {os.path.getsize(checkpoint_path) / 1e9:.2f} GB in "
-                f"{time.time() - written_in:.1f} s",
-                flush=True,
-            )
-        if stop_signals:
-            print(
-                f"{signal.Signals(stop_signals[0]).name}: checkpointed step {global_step:,}; exiting with code "
-                f"{PREEMPTED}, continue with --resume {run_dir}",
-                flush=True,
-            )
-            writer.close(), envs.close()
-            raise SystemExit(PREEMPTED)
-
-    envs.close()
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
-    summary = dict(
-        script=os.path.basename(__file__),
-        args=asdict(args),
-        env_id=args.env_id,
-        seed=args.seed,
-        env_steps=global_step,
-        frames=global_step * envs.frames_per_step,
-        updates=updates,
-        wall_seconds=loop_wall_seconds + time.time() - start_time,
-        device=str(device),
-        sps=(global_step - sps_start_step) / max(time.time() - sps_start_time, 1e-9),
-        params_total=params_total,
-        params_bottleneck=params_bottleneck,
-        params_psi=params_psi,
-        returns_by_iteration=returns_by_iteration,
-        final_return=returns_by_iteration[-1]["mean_return"] if returns_by_iteration else None,
-        eval_by_iteration=eval_by_iteration,
-        eval_returns=eval_returns,
-        eval_return=eval_by_iteration[-1]["mean_return"] if eval_by_iteration else None,
-    )
-    summary["human_normalized_score"] = human_normalized_score(args.env_id, summary["eval_return"])
-    if args.capture_video and args.eval_episodes == 0:  # no evaluation: one episode played as evaluation plays
-        video = []
-        evaluate(net, replace(args, eval_episodes=1), device, seed=args.seed + 10_000 * len(returns_by_iteration), video=video)
-        write_video(video, writer, run_dir, global_step)
-    if args.save_model:
-        torch.save({"model": net.state_dict(), "args": asdict(args)}, os.path.join(run_dir, "model.pt"))
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    writer.close()
-    print(
-        f"done: {global_step:,} steps, {updates:,} updates in {format_seconds(summary['wall_seconds'])}; "
-        f"final return {summary['final_return']}, evaluation {summary['eval_return']} (human-normalised "
-        f"{summary['human_normalized_score']}); run folder {run_dir}"
-    )
-    summary["run_dir"] = run_dir
-    return summary
 
 
 if __name__ == "__main__":

@@ -191,212 +191,6 @@ class Args:
     --eval-episodes 0, one episode played as evaluation plays, at the end"""
 
 
-BAD_INPUT, DIVERGED, PREEMPTED = 2, 3, 75  # exit codes; 75 (EX_TEMPFAIL): checkpointed on SIGTERM/SIGUSR1, resume it
-
-
-def fail(message: str, code: int = BAD_INPUT):
-    """Stop with one clear line and a non-zero exit, without a traceback."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(code)
-
-
-def validate_args(args: Args):
-    for name in [
-        "num_envs",
-        "frame_size",
-        "frame_stack",
-        "frame_skip",
-        "max_episode_frames",
-        "scale",
-        "v_max",
-        "encoder_scale",
-        "total_timesteps",
-        "iteration_steps",
-        "buffer_size",
-        "n_step",
-        "batch_size",
-        "train_frequency",
-        "target_network_frequency",
-        "learning_rate",
-        "adam_eps",
-        "diagnostics_every",
-        "diagnostics_batch_size",
-        "log_every",
-    ]:
-        if not getattr(args, name) > 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ["extra_dense_layers", "learning_starts", "eval_episodes", "weight_decay", "checkpoint_every"]:
-        if getattr(args, name) < 0:
-            fail(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
-    if args.num_atoms < 2 or not 0.0 <= args.gamma <= 1.0 or not 0.0 <= args.sticky_action_prob <= 1.0:
-        fail("--num-atoms must be at least 2, --gamma and --sticky-action-prob within [0, 1]")
-    if (
-        args.encoder_extra_blocks < 0
-        or args.encoder_blocks < 0
-        or ((args.encoder_extra_blocks or args.encoder_blocks != 2) and args.encoder != "impala")
-    ):
-        fail("--encoder-blocks and --encoder-extra-blocks must not be negative, and they shape only the Impala encoder")
-    if args.buffer_size // args.num_envs <= args.n_step + args.frame_stack:
-        fail(
-            f"--buffer-size {args.buffer_size} is too small for {args.num_envs} envs, n-step {args.n_step} "
-            f"and a stack of {args.frame_stack}"
-        )
-
-
-# Environments: reset() -> frames (num_envs, size, size) uint8; step(actions) -> frames, rewards, terminated,
-# truncated. An env that ends is reset at once and returns its new episode's first frame (the final frame is
-# never needed: a terminal does not bootstrap and a truncated window is never sampled).
-def to_gray_frame(obs: np.ndarray, size: int) -> np.ndarray:
-    """An HxW or HxWxC uint8 image as a size x size grayscale uint8 frame (area interpolation)."""
-    if obs.ndim == 3:
-        if obs.shape[-1] >= 3:
-            obs = obs[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-        else:
-            obs = obs[..., 0]
-    if obs.shape != (size, size):
-        image = torch.from_numpy(np.ascontiguousarray(obs, dtype=np.float32))[None, None]
-        obs = F.interpolate(image, size=(size, size), mode="area")[0, 0].numpy()
-    return np.asarray(np.round(obs) if obs.dtype != np.uint8 else obs).astype(np.uint8)
-
-
-class EnvpoolAtari:
-    def __init__(self, env_id: str, num_envs: int, seed: int, args: Args):
-        import envpool
-
-        self.envs = envpool.make(
-            env_id,
-            env_type="gymnasium",
-            num_envs=num_envs,
-            seed=seed,
-            img_height=args.frame_size,
-            img_width=args.frame_size,
-            stack_num=1,
-            gray_scale=True,
-            frame_skip=args.frame_skip,
-            repeat_action_probability=args.sticky_action_prob,
-            noop_max=1,
-            use_fire_reset=False,
-            episodic_life=False,
-            reward_clip=False,
-            full_action_space=False,
-            max_episode_steps=args.max_episode_frames // args.frame_skip,
-        )
-        self.num_actions = int(self.envs.action_space.n)
-        self.frames_per_step = args.frame_skip
-
-    def reset(self) -> np.ndarray:
-        obs, _ = self.envs.reset()
-        return np.array(obs[:, 0])
-
-    def step(self, actions: np.ndarray):
-        obs, rewards, terminated, truncated, _ = self.envs.step(actions.astype(np.int32))
-        frames = np.array(obs[:, 0])
-        ended = np.flatnonzero(terminated | truncated)
-        if len(ended):  # envpool would reset on the next step, ignoring its action: reset now instead
-            reset_obs, _ = self.envs.reset(ended)
-            frames[ended] = reset_obs[:, 0]
-        return frames, rewards.astype(np.float32), terminated.astype(bool), truncated.astype(bool)
-
-    def close(self):
-        self.envs.close()
-
-
-class GymnasiumPixels:
-    """N gymnasium envs stepped in turn; ALE envs get Dopamine's frame skip with a max over the last two."""
-
-    def __init__(self, env_id: str, num_envs: int, seed: int, args: Args, is_ale: bool):
-        import gymnasium as gym
-
-        kwargs = (
-            {}
-            if not is_ale
-            else dict(
-                frameskip=1,
-                repeat_action_probability=args.sticky_action_prob,
-                obs_type="grayscale",
-                full_action_space=False,
-                max_num_frames_per_episode=args.max_episode_frames,
-            )
-        )
-        self.envs = [gym.make(env_id, **kwargs) for _ in range(num_envs)]
-        self.skip = self.frames_per_step = args.frame_skip if is_ale else 1
-        self.size, self.seed, self.num_actions = args.frame_size, seed, int(self.envs[0].action_space.n)
-
-    def _reset_one(self, i: int, seed: Optional[int] = None) -> np.ndarray:
-        return to_gray_frame(self.envs[i].reset(seed=seed)[0], self.size)
-
-    def reset(self) -> np.ndarray:
-        return np.stack([self._reset_one(i, self.seed + i) for i in range(len(self.envs))])
-
-    def step(self, actions: np.ndarray):
-        n = len(self.envs)
-        frames, rewards = [], np.zeros(n, np.float32)
-        terminated, truncated = np.zeros(n, bool), np.zeros(n, bool)
-        for i, env in enumerate(self.envs):
-            last_two = []
-            for k in range(self.skip):
-                obs, reward, term, trunc, _ = env.step(int(actions[i]))
-                rewards[i] += reward
-                if k >= self.skip - 2:
-                    last_two.append(obs)
-                if term or trunc:
-                    terminated[i], truncated[i] = term, trunc and not term
-                    break
-            frames.append(
-                self._reset_one(i) if terminated[i] or truncated[i] else to_gray_frame(np.maximum.reduce(last_two), self.size)
-            )
-        return np.stack(frames), rewards, terminated, truncated
-
-    def close(self):
-        for env in self.envs:
-            env.close()
-
-
-def make_env(args: Args, num_envs: Optional[int] = None, seed: Optional[int] = None):
-    """The vectorised pixel environment for `args.env_id`, or one clear error line."""
-    num_envs = args.num_envs if num_envs is None else num_envs
-    seed = args.seed if seed is None else seed
-    env_id = args.env_id
-    if args.env_backend == "envpool":
-        import envpool
-
-        if ":" in env_id:
-            fail(f"'{env_id}' is a gymnasium entry point: use --env-backend gymnasium")
-        env_id = env_id.removeprefix("ALE/")
-        if env_id not in envpool.list_all_envs():
-            fail(f"unknown env id '{args.env_id}' for envpool (Atari ids look like Pong-v5)")
-        with warnings.catch_warnings():  # gymnasium warns about non-Atari specs' float64 bounds
-            warnings.simplefilter("ignore")
-            obs_space = envpool.make_spec(env_id).observation_space
-        if len(obs_space.shape) != 3 or not env_id.endswith("-v5"):
-            fail(f"'{args.env_id}' is not a pixel-based Atari env; this script needs image observations")
-        return EnvpoolAtari(env_id, num_envs, seed, args)
-
-    import ale_py
-    import gymnasium as gym
-
-    gym.register_envs(ale_py)
-    if ":" in env_id and os.getcwd() not in sys.path:
-        sys.path.append(os.getcwd())  # `module:Name` resolves from the working directory, as with `python -m`
-    if ":" not in env_id and "/" not in env_id and f"ALE/{env_id}" in gym.registry:
-        env_id = f"ALE/{env_id}"
-    try:
-        probe = gym.make(env_id)
-    except Exception as error:  # gymnasium raises several types for unknown ids and modules
-        fail(f"cannot make env '{args.env_id}': {str(error).splitlines()[0] if str(error) else type(error).__name__}")
-    obs_space, action_space = probe.observation_space, probe.action_space
-    probe.close()
-    if not isinstance(action_space, gym.spaces.Discrete):
-        fail(f"'{args.env_id}' has {type(action_space).__name__} actions; this script needs discrete actions")
-    if not (
-        isinstance(obs_space, gym.spaces.Box)
-        and obs_space.dtype == np.uint8
-        and (len(obs_space.shape) == 2 or (len(obs_space.shape) == 3 and obs_space.shape[-1] in (1, 3, 4)))
-    ):
-        fail(f"'{args.env_id}' does not give uint8 image observations (HxW or HxWxC), got {obs_space}")
-    return GymnasiumPixels(env_id, num_envs, seed, args, is_ale=env_id.startswith("ALE/"))
-
-
 # Network: phi (encoder) -> bottleneck pooling -> psi (dense layers)
 def pad_same(x: torch.Tensor, kernel: int, stride: int, value: float = 0.0) -> torch.Tensor:
     """TensorFlow/flax 'SAME' padding (extra row/column at the bottom/right), as Dopamine's networks use."""
@@ -419,7 +213,8 @@ class ResidualBlock(nn.Module):
         self.relu0, self.conv0 = nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1)
         self.relu1, self.conv1 = nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1)
         for conv in (self.conv0, self.conv1):  # flax's default, as in Dopamine's Stack
-            lecun_normal_(conv.weight), nn.init.zeros_(conv.bias)
+            lecun_normal_(conv.weight)
+            nn.init.zeros_(conv.bias)
 
     def forward(self, x):
         return x + self.conv1(self.relu1(self.conv0(self.relu0(x))))
@@ -429,7 +224,8 @@ class ImpalaStack(nn.Module):
     def __init__(self, in_channels: int, channels: int, blocks: int = 2):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, channels, 3, padding=1)
-        nn.init.xavier_uniform_(self.conv.weight), nn.init.zeros_(self.conv.bias)
+        nn.init.xavier_uniform_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
         self.blocks = nn.Sequential(*[ResidualBlock(channels) for _ in range(blocks)])
 
     def forward(self, x):
@@ -641,6 +437,14 @@ def dormant_fractions(net: QNetwork, obs: torch.Tensor, tau: float) -> dict:
         dormant = [(score / (score.mean() + 1e-9) <= tau) for score in scores]  # normalised per layer
         result[part] = float(sum(d.sum() for d in dormant)) / max(sum(d.numel() for d in dormant), 1)
     return result
+
+
+# CUDA graphs (--cudagraphs, class CudaGraphed below) replay the captured update and action selection without Python,
+# which sets three rules for the code they run:
+#  1. every tensor they read or write keeps its address: the replay's buffers and max priority, the optimizer's state
+#     (capturable Adam) and the networks' parameters change only in place (copy_, out=, load_state_dict);
+#  2. a captured update cannot call Python, so the loop flushes the replay's held-back writes before queueing updates;
+#  3. the captured action selection returns the same output tensor every call: whoever keeps its actions copies them.
 
 
 # Replay on the device: each env owns a circular stream of `capacity` slots; slot t holds the frame seen at t,
@@ -884,144 +688,6 @@ def make_update(net: QNetwork, target_net: QNetwork, optimizer, replay: DeviceRe
     return update
 
 
-class CudaGraphed:
-    """fn(*tensors) run eagerly on a side stream for its first calls (lazy state, compilation), then captured once in
-    a CUDA graph and replayed: inputs are copied into static buffers, the output is the graph's static tensor. Every
-    call is a real call (capturing runs nothing)."""
-
-    def __init__(self, fn, warmup_calls: int = 3):
-        self.fn, self.warmup_calls, self.graph = fn, warmup_calls, None
-
-    def __call__(self, *inputs):
-        if self.graph is None and self.warmup_calls > 0:
-            self.warmup_calls -= 1
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                output = self.fn(*inputs)
-            torch.cuda.current_stream().wait_stream(stream)
-            return output
-        if self.graph is None:
-            self.static_inputs, self.graph = [x.clone() for x in inputs], torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.static_output = self.fn(*self.static_inputs)
-        [static.copy_(x) for static, x in zip(self.static_inputs, inputs)]
-        self.graph.replay()
-        return self.static_output
-
-
-def accelerated(fn, args: Args):
-    fn = torch.compile(fn) if args.compile else fn
-    return CudaGraphed(fn) if args.cudagraphs else fn
-
-
-def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """Host to device without waiting for the work queued on the device (pinned memory, asynchronous copy)."""
-    tensor = torch.from_numpy(array)
-    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
-
-
-# args that may change when a run is resumed; the others define the experiment and must match the checkpoint's
-RUN_CONTROL_ARGS = {
-    "resume",
-    "total_timesteps",
-    "output_dir",
-    "cuda",
-    "compile",
-    "cudagraphs",
-    "save_model",
-    "eval_episodes",
-    "log_every",
-    "progress_seconds",
-    "checkpoint_every",
-    "checkpoint_replay",
-    "capture_video",
-}
-
-
-def training_state(net, target_net, optimizer, replay: DeviceReplay, args: Args, loop: dict) -> dict:
-    """What a run needs to go on where it stands; the envs restart (see DeviceReplay.end_streams)."""
-    rng = dict(
-        torch=torch.get_rng_state(),
-        numpy=np.random.get_state(),
-        python=random.getstate(),
-        cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    )
-    return dict(
-        script=os.path.basename(__file__),
-        args=asdict(args),
-        loop=loop,
-        net=net.state_dict(),
-        target_net=target_net.state_dict(),
-        optimizer=optimizer.state_dict(),
-        replay=replay.state_dict(args.checkpoint_replay),
-        rng=rng,
-    )
-
-
-def restore_training_state(state: dict, net, target_net, optimizer, replay: DeviceReplay) -> dict:
-    net.load_state_dict(state["net"])
-    target_net.load_state_dict(state["target_net"])
-    optimizer.load_state_dict(state["optimizer"])
-    replay.load_state_dict(state["replay"])
-    torch.set_rng_state(state["rng"]["torch"]), np.random.set_state(state["rng"]["numpy"])
-    random.setstate(state["rng"]["python"])
-    if state["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return state["loop"]
-
-
-def write_atomically(state: dict, path: str):
-    """Write, flush and fsync a temporary file, then rename it: `path` always holds a complete checkpoint."""
-    with open(path + ".tmp", "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
-    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    os.fsync(folder)  # makes the rename itself durable
-    os.close(folder)
-
-
-def read_checkpoint(run_dir: str, args: Args) -> dict:
-    """The run folder's checkpoint, if this script wrote it with the same experiment args; else one clear error."""
-    path = os.path.join(run_dir, "checkpoint.pt")
-    if not os.path.isfile(path):
-        fail(f"cannot resume: no complete checkpoint in '{run_dir}' (no checkpoint.pt)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # no second replay in memory
-        script, saved_args = state["script"], state["args"]
-    except Exception as error:  # truncated or corrupt files fail in pickle, zipfile or torch
-        fail(f"cannot resume: {path} is corrupt or truncated ({type(error).__name__})")
-    if script != os.path.basename(__file__):
-        fail(f"cannot resume: {path} was written by {script}, not {os.path.basename(__file__)}")
-    for name, value in asdict(args).items():
-        if name not in RUN_CONTROL_ARGS and saved_args.get(name) != value:
-            fail(f"cannot resume: --{name.replace('_', '-')} is {saved_args.get(name)} in the checkpoint, {value} here")
-    return state
-
-
-VIDEO_MAX_FRAMES = 3000  # --capture-video keeps at most this many frames of an episode (a GIF of a few MB)
-VIDEO_FRAME_MS = 70  # GIF frame duration: about 15 agent steps a second, as the ALE's 60 Hz with a frame skip of 4
-
-
-def write_video(frames: list, writer: SummaryWriter, run_dir: str, global_step: int):
-    """--capture-video: an episode's frames (H x W grayscale or 3 x H x W RGB uint8 tensors) as an animated GIF in the
-    run folder's videos/ and in TensorBoard's image dashboard, which plays GIFs (the summary torch's add_video writes,
-    without its moviepy). The GIF palette keeps grayscale exactly (RGB too, up to 256 colours a frame); Pillow writes
-    a repeated frame once, for longer."""
-    frames = [frame.permute(1, 2, 0) if frame.dim() == 3 else frame for frame in frames]  # RGB channels last
-    images = [Image.fromarray(frame.numpy()) for frame in frames]
-    path = os.path.join(run_dir, "videos", f"eval_step{global_step}.gif")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    images[0].save(path, save_all=True, append_images=images[1:], duration=VIDEO_FRAME_MS, loop=0)
-    with open(path, "rb") as f:
-        image = Summary.Image(
-            height=images[0].height, width=images[0].width, colorspace=len(images[0].getbands()), encoded_image_string=f.read()
-        )
-    writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag="eval/video", image=image)]), global_step)
-
-
 def evaluate(net: QNetwork, args: Args, device: torch.device, video: Optional[list] = None) -> list:
     """`eval_episodes` episodes in one env, epsilon `eval_epsilon`, noise off. `video`, a list, gets the frames the
     agent sees in the first episode (at most VIDEO_MAX_FRAMES)."""
@@ -1043,14 +709,12 @@ def evaluate(net: QNetwork, args: Args, device: torch.device, video: Optional[li
     return returns
 
 
-def format_seconds(seconds: float) -> str:
-    return (f"{int(seconds) // 86400}d " if seconds >= 86400 else "") + time.strftime("%H:%M:%S", time.gmtime(seconds))
-
-
 def main(args: Args) -> dict:
     validate_args(args)
     start_time = time.time()
-    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32  # float32 unless asked
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
@@ -1110,10 +774,9 @@ def main(args: Args) -> dict:
         del state  # frees the checkpoint's copy of the replay
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
     stop_signals = []  # SIGTERM and SIGUSR1 (Slurm's warnings before preemption) checkpoint and exit with PREEMPTED
-    handlers = {
-        sig: signal.signal(sig, lambda received, frame: stop_signals.append(received))
-        for sig in (signal.SIGTERM, signal.SIGUSR1)
-    }
+    handlers = {}  # the handlers they replace, put back at the end
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        handlers[sig] = signal.signal(sig, lambda received, frame: stop_signals.append(received))
     # a resume drops the events logged after its checkpoint's step (those at that step were logged before it)
     writer = SummaryWriter(run_dir, purge_step=loop["global_step"] + 1 if loop["global_step"] else None)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
@@ -1245,7 +908,8 @@ def main(args: Args) -> dict:
                 f"{PREEMPTED}, continue with --resume {run_dir}",
                 flush=True,
             )
-            writer.close(), envs.close()
+            writer.close()
+            envs.close()
             raise SystemExit(PREEMPTED)
 
     envs.close()
@@ -1292,6 +956,360 @@ def main(args: Args) -> dict:
     )
     summary["run_dir"] = run_dir
     return summary
+
+
+# ======================================================================================================================
+# Plumbing: exit codes and argument checks, the environment adapters, the CUDA-graph wrapper, checkpoint I/O and videos.
+# None of it changes the method above; main() calls it.
+# ======================================================================================================================
+BAD_INPUT, DIVERGED, PREEMPTED = 2, 3, 75  # exit codes; 75 (EX_TEMPFAIL): checkpointed on SIGTERM/SIGUSR1, resume it
+
+
+def fail(message: str, code: int = BAD_INPUT):
+    """Stop with one clear line and a non-zero exit, without a traceback."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+def validate_args(args: Args):
+    for name in [
+        "num_envs",
+        "frame_size",
+        "frame_stack",
+        "frame_skip",
+        "max_episode_frames",
+        "scale",
+        "v_max",
+        "encoder_scale",
+        "total_timesteps",
+        "iteration_steps",
+        "buffer_size",
+        "n_step",
+        "batch_size",
+        "train_frequency",
+        "target_network_frequency",
+        "learning_rate",
+        "adam_eps",
+        "diagnostics_every",
+        "diagnostics_batch_size",
+        "log_every",
+    ]:
+        if not getattr(args, name) > 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ["extra_dense_layers", "learning_starts", "eval_episodes", "weight_decay", "checkpoint_every"]:
+        if getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
+    if args.num_atoms < 2 or not 0.0 <= args.gamma <= 1.0 or not 0.0 <= args.sticky_action_prob <= 1.0:
+        fail("--num-atoms must be at least 2, --gamma and --sticky-action-prob within [0, 1]")
+    if (
+        args.encoder_extra_blocks < 0
+        or args.encoder_blocks < 0
+        or ((args.encoder_extra_blocks or args.encoder_blocks != 2) and args.encoder != "impala")
+    ):
+        fail("--encoder-blocks and --encoder-extra-blocks must not be negative, and they shape only the Impala encoder")
+    if args.buffer_size // args.num_envs <= args.n_step + args.frame_stack:
+        fail(
+            f"--buffer-size {args.buffer_size} is too small for {args.num_envs} envs, n-step {args.n_step} "
+            f"and a stack of {args.frame_stack}"
+        )
+
+
+# Environments: reset() -> frames (num_envs, size, size) uint8; step(actions) -> frames, rewards, terminated,
+# truncated. An env that ends is reset at once and returns its new episode's first frame (the final frame is
+# never needed: a terminal does not bootstrap and a truncated window is never sampled).
+def to_gray_frame(obs: np.ndarray, size: int) -> np.ndarray:
+    """An HxW or HxWxC uint8 image as a size x size grayscale uint8 frame (area interpolation)."""
+    if obs.ndim == 3:
+        if obs.shape[-1] >= 3:
+            obs = obs[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        else:
+            obs = obs[..., 0]
+    if obs.shape != (size, size):
+        image = torch.from_numpy(np.ascontiguousarray(obs, dtype=np.float32))[None, None]
+        obs = F.interpolate(image, size=(size, size), mode="area")[0, 0].numpy()
+    return np.asarray(np.round(obs) if obs.dtype != np.uint8 else obs).astype(np.uint8)
+
+
+class EnvpoolAtari:
+    def __init__(self, env_id: str, num_envs: int, seed: int, args: Args):
+        import envpool
+
+        self.envs = envpool.make(
+            env_id,
+            env_type="gymnasium",
+            num_envs=num_envs,
+            seed=seed,
+            img_height=args.frame_size,
+            img_width=args.frame_size,
+            stack_num=1,
+            gray_scale=True,
+            frame_skip=args.frame_skip,
+            repeat_action_probability=args.sticky_action_prob,
+            noop_max=1,
+            use_fire_reset=False,
+            episodic_life=False,
+            reward_clip=False,
+            full_action_space=False,
+            max_episode_steps=args.max_episode_frames // args.frame_skip,
+        )
+        self.num_actions = int(self.envs.action_space.n)
+        self.frames_per_step = args.frame_skip
+
+    def reset(self) -> np.ndarray:
+        obs, _ = self.envs.reset()
+        return np.array(obs[:, 0])
+
+    def step(self, actions: np.ndarray):
+        obs, rewards, terminated, truncated, _ = self.envs.step(actions.astype(np.int32))
+        frames = np.array(obs[:, 0])
+        ended = np.flatnonzero(terminated | truncated)
+        if len(ended):  # envpool would reset on the next step, ignoring its action: reset now instead
+            reset_obs, _ = self.envs.reset(ended)
+            frames[ended] = reset_obs[:, 0]
+        return frames, rewards.astype(np.float32), terminated.astype(bool), truncated.astype(bool)
+
+    def close(self):
+        self.envs.close()
+
+
+class GymnasiumPixels:
+    """N gymnasium envs stepped in turn; ALE envs get Dopamine's frame skip with a max over the last two."""
+
+    def __init__(self, env_id: str, num_envs: int, seed: int, args: Args, is_ale: bool):
+        import gymnasium as gym
+
+        kwargs = (
+            {}
+            if not is_ale
+            else dict(
+                frameskip=1,
+                repeat_action_probability=args.sticky_action_prob,
+                obs_type="grayscale",
+                full_action_space=False,
+                max_num_frames_per_episode=args.max_episode_frames,
+            )
+        )
+        self.envs = [gym.make(env_id, **kwargs) for _ in range(num_envs)]
+        self.skip = self.frames_per_step = args.frame_skip if is_ale else 1
+        self.size, self.seed, self.num_actions = args.frame_size, seed, int(self.envs[0].action_space.n)
+
+    def _reset_one(self, i: int, seed: Optional[int] = None) -> np.ndarray:
+        return to_gray_frame(self.envs[i].reset(seed=seed)[0], self.size)
+
+    def reset(self) -> np.ndarray:
+        return np.stack([self._reset_one(i, self.seed + i) for i in range(len(self.envs))])
+
+    def step(self, actions: np.ndarray):
+        n = len(self.envs)
+        frames, rewards = [], np.zeros(n, np.float32)
+        terminated, truncated = np.zeros(n, bool), np.zeros(n, bool)
+        for i, env in enumerate(self.envs):
+            last_two = []
+            for k in range(self.skip):
+                obs, reward, term, trunc, _ = env.step(int(actions[i]))
+                rewards[i] += reward
+                if k >= self.skip - 2:
+                    last_two.append(obs)
+                if term or trunc:
+                    terminated[i], truncated[i] = term, trunc and not term
+                    break
+            frames.append(
+                self._reset_one(i) if terminated[i] or truncated[i] else to_gray_frame(np.maximum.reduce(last_two), self.size)
+            )
+        return np.stack(frames), rewards, terminated, truncated
+
+    def close(self):
+        for env in self.envs:
+            env.close()
+
+
+def make_env(args: Args, num_envs: Optional[int] = None, seed: Optional[int] = None):
+    """The vectorised pixel environment for `args.env_id`, or one clear error line."""
+    num_envs = args.num_envs if num_envs is None else num_envs
+    seed = args.seed if seed is None else seed
+    env_id = args.env_id
+    if args.env_backend == "envpool":
+        import envpool
+
+        if ":" in env_id:
+            fail(f"'{env_id}' is a gymnasium entry point: use --env-backend gymnasium")
+        env_id = env_id.removeprefix("ALE/")
+        if env_id not in envpool.list_all_envs():
+            fail(f"unknown env id '{args.env_id}' for envpool (Atari ids look like Pong-v5)")
+        with warnings.catch_warnings():  # gymnasium warns about non-Atari specs' float64 bounds
+            warnings.simplefilter("ignore")
+            obs_space = envpool.make_spec(env_id).observation_space
+        if len(obs_space.shape) != 3 or not env_id.endswith("-v5"):
+            fail(f"'{args.env_id}' is not a pixel-based Atari env; this script needs image observations")
+        return EnvpoolAtari(env_id, num_envs, seed, args)
+
+    import ale_py
+    import gymnasium as gym
+
+    gym.register_envs(ale_py)
+    if ":" in env_id and os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())  # `module:Name` resolves from the working directory, as with `python -m`
+    if ":" not in env_id and "/" not in env_id and f"ALE/{env_id}" in gym.registry:
+        env_id = f"ALE/{env_id}"
+    try:
+        probe = gym.make(env_id)
+    except Exception as error:  # gymnasium raises several types for unknown ids and modules
+        fail(f"cannot make env '{args.env_id}': {str(error).splitlines()[0] if str(error) else type(error).__name__}")
+    obs_space, action_space = probe.observation_space, probe.action_space
+    probe.close()
+    if not isinstance(action_space, gym.spaces.Discrete):
+        fail(f"'{args.env_id}' has {type(action_space).__name__} actions; this script needs discrete actions")
+    if not (
+        isinstance(obs_space, gym.spaces.Box)
+        and obs_space.dtype == np.uint8
+        and (len(obs_space.shape) == 2 or (len(obs_space.shape) == 3 and obs_space.shape[-1] in (1, 3, 4)))
+    ):
+        fail(f"'{args.env_id}' does not give uint8 image observations (HxW or HxWxC), got {obs_space}")
+    return GymnasiumPixels(env_id, num_envs, seed, args, is_ale=env_id.startswith("ALE/"))
+
+
+class CudaGraphed:
+    """fn(*tensors) run eagerly on a side stream for its first calls (lazy state, compilation), then captured once in
+    a CUDA graph and replayed: inputs are copied into static buffers, the output is the graph's static tensor. Every
+    call is a real call (capturing runs nothing)."""
+
+    def __init__(self, fn, warmup_calls: int = 3):
+        self.fn, self.warmup_calls, self.graph = fn, warmup_calls, None
+
+    def __call__(self, *inputs):
+        if self.graph is None and self.warmup_calls > 0:
+            self.warmup_calls -= 1
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                output = self.fn(*inputs)
+            torch.cuda.current_stream().wait_stream(stream)
+            return output
+        if self.graph is None:
+            self.static_inputs, self.graph = [x.clone() for x in inputs], torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.static_output = self.fn(*self.static_inputs)
+        for static, x in zip(self.static_inputs, inputs):
+            static.copy_(x)
+        self.graph.replay()
+        return self.static_output
+
+
+def accelerated(fn, args: Args):
+    fn = torch.compile(fn) if args.compile else fn
+    return CudaGraphed(fn) if args.cudagraphs else fn
+
+
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Host to device without waiting for the work queued on the device (pinned memory, asynchronous copy)."""
+    tensor = torch.from_numpy(array)
+    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
+
+
+# args that may change when a run is resumed; the others define the experiment and must match the checkpoint's
+RUN_CONTROL_ARGS = {
+    "resume",
+    "total_timesteps",
+    "output_dir",
+    "cuda",
+    "compile",
+    "cudagraphs",
+    "save_model",
+    "eval_episodes",
+    "log_every",
+    "progress_seconds",
+    "checkpoint_every",
+    "checkpoint_replay",
+    "capture_video",
+}
+
+
+def training_state(net, target_net, optimizer, replay: DeviceReplay, args: Args, loop: dict) -> dict:
+    """What a run needs to go on where it stands; the envs restart (see DeviceReplay.end_streams)."""
+    rng = dict(
+        torch=torch.get_rng_state(),
+        numpy=np.random.get_state(),
+        python=random.getstate(),
+        cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    )
+    return dict(
+        script=os.path.basename(__file__),
+        args=asdict(args),
+        loop=loop,
+        net=net.state_dict(),
+        target_net=target_net.state_dict(),
+        optimizer=optimizer.state_dict(),
+        replay=replay.state_dict(args.checkpoint_replay),
+        rng=rng,
+    )
+
+
+def restore_training_state(state: dict, net, target_net, optimizer, replay: DeviceReplay) -> dict:
+    net.load_state_dict(state["net"])
+    target_net.load_state_dict(state["target_net"])
+    optimizer.load_state_dict(state["optimizer"])
+    replay.load_state_dict(state["replay"])
+    torch.set_rng_state(state["rng"]["torch"])
+    np.random.set_state(state["rng"]["numpy"])
+    random.setstate(state["rng"]["python"])
+    if state["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state["loop"]
+
+
+def write_atomically(state: dict, path: str):
+    """Write, flush and fsync a temporary file, then rename it: `path` always holds a complete checkpoint."""
+    with open(path + ".tmp", "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    os.fsync(folder)  # makes the rename itself durable
+    os.close(folder)
+
+
+def read_checkpoint(run_dir: str, args: Args) -> dict:
+    """The run folder's checkpoint, if this script wrote it with the same experiment args; else one clear error."""
+    path = os.path.join(run_dir, "checkpoint.pt")
+    if not os.path.isfile(path):
+        fail(f"cannot resume: no complete checkpoint in '{run_dir}' (no checkpoint.pt)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # no second replay in memory
+        script, saved_args = state["script"], state["args"]
+    except Exception as error:  # truncated or corrupt files fail in pickle, zipfile or torch
+        fail(f"cannot resume: {path} is corrupt or truncated ({type(error).__name__})")
+    if script != os.path.basename(__file__):
+        fail(f"cannot resume: {path} was written by {script}, not {os.path.basename(__file__)}")
+    for name, value in asdict(args).items():
+        if name not in RUN_CONTROL_ARGS and saved_args.get(name) != value:
+            fail(f"cannot resume: --{name.replace('_', '-')} is {saved_args.get(name)} in the checkpoint, {value} here")
+    return state
+
+
+VIDEO_MAX_FRAMES = 3000  # --capture-video keeps at most this many frames of an episode (a GIF of a few MB)
+VIDEO_FRAME_MS = 70  # GIF frame duration: about 15 agent steps a second, as the ALE's 60 Hz with a frame skip of 4
+
+
+def write_video(frames: list, writer: SummaryWriter, run_dir: str, global_step: int):
+    """--capture-video: an episode's frames (H x W grayscale or 3 x H x W RGB uint8 tensors) as an animated GIF in the
+    run folder's videos/ and in TensorBoard's image dashboard, which plays GIFs (the summary torch's add_video writes,
+    without its moviepy). The GIF palette keeps grayscale exactly (RGB too, up to 256 colours a frame); Pillow writes
+    a repeated frame once, for longer."""
+    frames = [frame.permute(1, 2, 0) if frame.dim() == 3 else frame for frame in frames]  # RGB channels last
+    images = [Image.fromarray(frame.numpy()) for frame in frames]
+    path = os.path.join(run_dir, "videos", f"eval_step{global_step}.gif")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    images[0].save(path, save_all=True, append_images=images[1:], duration=VIDEO_FRAME_MS, loop=0)
+    with open(path, "rb") as f:
+        image = Summary.Image(
+            height=images[0].height, width=images[0].width, colorspace=len(images[0].getbands()), encoded_image_string=f.read()
+        )
+    writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag="eval/video", image=image)]), global_step)
+
+
+def format_seconds(seconds: float) -> str:
+    return (f"{int(seconds) // 86400}d " if seconds >= 86400 else "") + time.strftime("%H:%M:%S", time.gmtime(seconds))
 
 
 if __name__ == "__main__":

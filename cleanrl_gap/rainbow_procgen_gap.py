@@ -734,19 +734,9 @@ def evaluate(net: QNetwork, args: Args, device: torch.device, seed: int, video: 
     return returns.tolist()
 
 
-def main(args: Args) -> dict:
-    validate_args(args)
-    start_time = time.time()
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32  # float32 unless asked
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    if args.cudagraphs and device.type != "cuda":
-        fail("--cudagraphs needs a CUDA device (none is available, or --no-cuda was given)")
-    state = read_checkpoint(args.resume, args) if args.resume else None
-    loop = dict(
+def starting_loop(args: Args) -> dict:
+    """The loop's running state at step 0: checkpoints save it as it stands, and a resume goes on from theirs."""
+    return dict(
         global_step=0,
         updates=0,
         iteration_returns=[],
@@ -759,7 +749,21 @@ def main(args: Args) -> dict:
         eval_by_iteration=[],
         eval_returns=[],
     )
-    loop = state["loop"] if state else loop
+
+
+def main(args: Args) -> dict:
+    validate_args(args)
+    start_time = time.time()
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32  # float32 unless asked
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if args.cudagraphs and device.type != "cuda":
+        fail("--cudagraphs needs a CUDA device (none is available, or --no-cuda was given)")
+    state = read_checkpoint(args.resume, args) if args.resume else None
+    loop = state["loop"] if state else starting_loop(args)
 
     envs = make_env(args, seed=args.seed + 7919 * (loop["resumes"] + (state is not None)))  # new seeds on resume
     run_name = f"{args.env_id.replace('/', '_').replace(':', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"

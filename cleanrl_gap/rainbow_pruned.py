@@ -897,6 +897,21 @@ def evaluate(net: QNetwork, args: Args, device: torch.device, video: Optional[li
     return returns
 
 
+def starting_loop(args: Args) -> dict:
+    """The loop's running state at step 0: checkpoints save it as it stands, and a resume goes on from theirs."""
+    return dict(
+        global_step=0,
+        updates=0,
+        iteration_returns=[],
+        returns_by_iteration=[],
+        last_return=None,
+        diagnostics_obs=None,
+        wall_seconds=0.0,
+        resumes=0,
+        learning_from=args.learning_starts,
+    )
+
+
 def main(args: Args) -> dict:
     validate_args(args)
     start_time = time.time()
@@ -909,18 +924,7 @@ def main(args: Args) -> dict:
     if args.cudagraphs and device.type != "cuda":
         fail("--cudagraphs needs a CUDA device (none is available, or --no-cuda was given)")
     state = read_checkpoint(args.resume, args) if args.resume else None
-    loop = dict(
-        global_step=0,
-        updates=0,
-        iteration_returns=[],
-        returns_by_iteration=[],
-        last_return=None,
-        diagnostics_obs=None,
-        wall_seconds=0.0,
-        resumes=0,
-        learning_from=args.learning_starts,
-    )
-    loop = state["loop"] if state else loop
+    loop = state["loop"] if state else starting_loop(args)
     if "prune_start_step" not in loop:  # set when the run starts (a checkpoint older than these keys: by its args)
         loop.update(schedule_steps(args, state["args"]["total_timesteps"] if state else args.total_timesteps))
 

@@ -33,21 +33,9 @@ def tiny_args(module, method):
 
 
 def starting_loop(name, module, args) -> dict:
-    """The loop dict main() starts with (and saves in its checkpoints, updated)."""
-    loop = dict(
-        global_step=0,
-        updates=0,
-        iteration_returns=[],
-        returns_by_iteration=[],
-        last_return=None,
-        diagnostics_obs=None,
-        wall_seconds=0.0,
-        resumes=0,
-        learning_from=args.learning_starts,
-    )
-    if name in ("der_atari100k_gap", "rainbow_procgen_gap"):  # the scripts that evaluate every iteration
-        loop.update(eval_by_iteration=[], eval_returns=[])
-    if name == "rainbow_pruned":  # the schedule's agent steps, fixed when the run starts
+    """The loop state main() starts with (and saves in its checkpoints, updated)."""
+    loop = module.starting_loop(args)
+    if name == "rainbow_pruned":  # the schedule's agent steps, fixed by main() when the run starts
         loop.update(module.schedule_steps(args, args.total_timesteps))
     return loop
 

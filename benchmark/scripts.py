@@ -1,10 +1,9 @@
-"""Load the single-file scripts of cleanrl_gap/ as modules (they are scripts, not a package), and build their
-training parts the way their main() does, for the benchmarks and tests."""
+"""Load the single-file scripts of cleanrl_gap/ as modules (they are scripts, not a package), and take their training
+parts from the builder their main() uses, for the benchmarks and tests."""
 
 import importlib.util
 import os
 import sys
-from types import SimpleNamespace
 
 import torch
 
@@ -26,34 +25,21 @@ def load_script(name: str):
     return sys.modules[name]
 
 
-def filled_replay(module, script_args, device: torch.device):
-    """A full replay of random frames, every transition sampleable at priority 1 (sampling cost depends on sizes,
+def fill_replay(replay):
+    """Fills the replay with random frames, every transition sampleable at priority 1 (sampling cost depends on sizes,
     not on contents)."""
-    replay = module.DeviceReplay(
-        script_args.buffer_size,
-        script_args.num_envs,
-        script_args.frame_size,
-        script_args.frame_stack,
-        script_args.n_step,
-        script_args.gamma,
-        device,
-    )
     replay.frames.random_(0, 256)
     replay.episode_end.zero_()
     replay.adds = replay.capacity
     replay.priorities[: replay.num_envs * replay.capacity] = 1.0
-    return replay
 
 
-def training_parts(module, script_args, device: torch.device, num_actions: int = 6) -> SimpleNamespace:
-    """Online and target networks, optimizer, a filled replay, the loss sums and the (accelerated) update."""
+def training_parts(module, script_args, device: torch.device, num_actions: int = 6, **builder_args):
+    """The script's own training parts (make_training: networks, optimizer, replay, loss sums, the accelerated update,
+    and rainbow_pruned's pruner), with the replay filled. `builder_args` go to make_training (rainbow_pruned's
+    prune_steps)."""
     torch.backends.cudnn.deterministic = script_args.torch_deterministic  # as the script's main() sets them
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = script_args.tf32
-    net = module.QNetwork(num_actions, script_args).to(device)
-    target_net = module.QNetwork(num_actions, script_args).to(device)
-    target_net.load_state_dict(net.state_dict())
-    optimizer = module.make_optimizer(net, script_args)
-    replay = filled_replay(module, script_args, device)
-    stats = torch.zeros(2, device=device)
-    update = module.accelerated(module.make_update(net, target_net, optimizer, replay, script_args, stats), script_args)
-    return SimpleNamespace(net=net, target_net=target_net, optimizer=optimizer, replay=replay, stats=stats, update=update)
+    parts = module.make_training(script_args, num_actions, device, **builder_args)
+    fill_replay(parts.replay)
+    return parts

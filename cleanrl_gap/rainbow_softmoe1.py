@@ -58,8 +58,8 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, replace
-from typing import Literal, Optional
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable, Literal, Optional
 
 import numpy as np
 import torch
@@ -494,6 +494,30 @@ def dormant_fractions(net: QNetwork, obs: torch.Tensor, tau: float) -> dict:
     return result
 
 
+def parameter_counts(net: QNetwork) -> dict:
+    """All parameters, the bottleneck's weights, and the weights of psi with its heads (Figure 5, right)."""
+    psi_weights = 0
+    for layers in (net.psi, net.head, net.value_head):
+        if layers is not None:
+            for name, parameter in layers.named_parameters():
+                if name.split(".")[-1] == "weight":  # not the noise scales (weight_sigma)
+                    psi_weights += parameter.numel()
+    total = sum(parameter.numel() for parameter in net.parameters())
+    return dict(params_total=total, params_bottleneck=net.bottleneck.weight.numel(), params_psi=psi_weights)
+
+
+def log_diagnostics(net: QNetwork, replay, loop, args: Args, writer: SummaryWriter):
+    """The paper's diagnostics on one replay batch, drawn once so that the curves compare the network with itself."""
+    if loop.diagnostics_obs is None:
+        loop.diagnostics_obs = replay.sample(args.diagnostics_batch_size)["obs"]
+    dormant = dormant_fractions(net, loop.diagnostics_obs, args.dormant_tau)
+    with torch.no_grad():
+        feature_norm = net.bottleneck_features(loop.diagnostics_obs).norm(dim=1).mean().item()
+    writer.add_scalar("diagnostics/dormant_fraction_phi", dormant["phi"], loop.global_step)
+    writer.add_scalar("diagnostics/dormant_fraction_psi", dormant["psi"], loop.global_step)
+    writer.add_scalar("diagnostics/bottleneck_feature_norm", feature_norm, loop.global_step)
+
+
 # CUDA graphs (--cudagraphs, class CudaGraphed below) replay the captured update and action selection without Python,
 # which sets three rules for the code they run:
 #  1. every tensor they read or write keeps its address: the replay's buffers and max priority, the optimizer's state
@@ -764,245 +788,188 @@ def evaluate(net: QNetwork, args: Args, device: torch.device, video: Optional[li
     return returns
 
 
-def starting_loop(args: Args) -> dict:
-    """The loop's running state at step 0: checkpoints save it as it stands, and a resume goes on from theirs."""
-    return dict(
-        global_step=0,
-        updates=0,
-        iteration_returns=[],
-        returns_by_iteration=[],
-        last_return=None,
-        diagnostics_obs=None,
-        wall_seconds=0.0,
-        resumes=0,
-        learning_from=args.learning_starts,
-    )
+@dataclass
+class LoopState:
+    """The training loop's running state. Checkpoints store it as a dict, and a resumed run goes on from theirs."""
+
+    global_step: int = 0
+    updates: int = 0
+    iteration_returns: list = field(default_factory=list)  # returns of the episodes ended in this iteration
+    returns_by_iteration: list = field(default_factory=list)
+    last_return: Optional[float] = None
+    diagnostics_obs: Optional[torch.Tensor] = None  # the replay batch the diagnostics measure, drawn once
+    wall_seconds: float = 0.0  # the run's time in its processes before this one
+    resumes: int = 0
+    learning_from: int = 0  # learning starts after this step: learning_starts, later when a resume refills the replay
+
+
+@dataclass
+class TrainingParts:
+    """What the gradient updates need: built by make_training() for main(), the benchmarks and the tests."""
+
+    net: QNetwork
+    target_net: QNetwork
+    optimizer: torch.optim.Optimizer
+    replay: DeviceReplay
+    stats: torch.Tensor  # running sums of the loss and of the taken actions' Q-value, on the device
+    update: Callable[[], None]  # one gradient update (compiled and CUDA-graphed as asked)
+
+
+def make_training(args: Args, num_actions: int, device: torch.device) -> TrainingParts:
+    net = QNetwork(num_actions, args).to(device)
+    target_net = QNetwork(num_actions, args).to(device)
+    target_net.load_state_dict(net.state_dict())
+    optimizer = make_optimizer(net, args)
+    check_replay_fits(args, device)
+    replay = DeviceReplay(args.buffer_size, args.num_envs, args.frame_size, args.frame_stack, args.n_step, args.gamma, device)
+    stats = torch.zeros(2, device=device)
+    update = accelerated(make_update(net, target_net, optimizer, replay, args, stats), args)
+    return TrainingParts(net, target_net, optimizer, replay, stats, update)
+
+
+def crossed(every: int, previous_step: int, step: int) -> bool:
+    """Whether going from previous_step to step passed a multiple of `every`."""
+    return step // every != previous_step // every
+
+
+def end_iteration(loop: LoopState, writer: SummaryWriter):
+    """Dopamine's iteration: the mean return of the episodes that ended in it."""
+    mean_return = float(np.mean(loop.iteration_returns)) if loop.iteration_returns else None
+    episodes = len(loop.iteration_returns)
+    loop.returns_by_iteration.append(dict(step=loop.global_step, mean_return=mean_return, episodes=episodes))
+    if mean_return is not None:
+        writer.add_scalar("charts/iteration_mean_return", mean_return, loop.global_step)
+    loop.iteration_returns = []
 
 
 def main(args: Args) -> dict:
     validate_args(args)
-    start_time = time.time()
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32  # float32 unless asked
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    if args.cudagraphs and device.type != "cuda":
-        fail("--cudagraphs needs a CUDA device (none is available, or --no-cuda was given)")
+    started = time.time()
+    device = seeded_device(args)
     state = read_checkpoint(args.resume, args) if args.resume else None
-    loop = state["loop"] if state else starting_loop(args)
-
-    envs = make_env(args, seed=args.seed + 7919 * (loop["resumes"] + (state is not None)))  # new seeds on resume
-    run_name = f"{args.env_id.replace('/', '_').replace(':', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = args.resume or os.path.join(args.output_dir, run_name)
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-        tempfile.TemporaryFile(dir=run_dir).close()  # fails now, not at the first checkpoint, if unwritable
-    except OSError as error:
-        fail(f"cannot write to the run folder {run_dir}: {error.strerror}")
-
-    net = QNetwork(envs.num_actions, args).to(device)
-    target_net = QNetwork(envs.num_actions, args).to(device)
-    target_net.load_state_dict(net.state_dict())
-    optimizer = make_optimizer(net, args)
-    params_total = sum(p.numel() for p in net.parameters())
-    params_bottleneck = net.bottleneck.weight.numel()
-    params_psi = sum(
-        p.numel()
-        for layers in (net.psi, net.head, net.value_head)
-        if layers is not None
-        for name, p in layers.named_parameters()
-        if name.split(".")[-1] == "weight"
-    )  # Figure 5, right
+    loop = LoopState(**state["loop"]) if state else LoopState(learning_from=args.learning_starts)
+    clock_origin = started - loop.wall_seconds  # the run's wall time counts across resumes
+    envs = make_env(args, seed=args.seed + 7919 * (loop.resumes + (state is not None)))  # new seeds on resume
+    run_dir = make_run_dir(args)
+    parts = make_training(args, envs.num_actions, device)
+    net, target_net, replay = parts.net, parts.target_net, parts.replay
+    counts = parameter_counts(net)
     print(
-        f"network: {net.description}; bottleneck {params_bottleneck:,} weights, {params_total:,} parameters in "
-        f"all; device {device}"
+        f"network: {net.description}; bottleneck {counts['params_bottleneck']:,} weights, {counts['params_total']:,} "
+        f"parameters in all; device {device}"
     )
-
-    check_replay_fits(args, device)
-    replay = DeviceReplay(args.buffer_size, args.num_envs, args.frame_size, args.frame_stack, args.n_step, args.gamma, device)
     if state:
-        restore_training_state(state, net, target_net, optimizer, replay)
-        replay.end_streams()
-        loop["resumes"] += 1
-        if replay.adds == 0 and loop["global_step"] > 0:
-            loop["learning_from"] = loop["global_step"] + args.learning_starts
-            print(f"the checkpoint holds no replay: refilling it for {args.learning_starts:,} steps before learning")
-        print(f"resuming {run_dir} at step {loop['global_step']:,} (resume {loop['resumes']})")
+        resume_training(state, parts, loop, args, run_dir, device)
         del state  # frees the checkpoint's copy of the replay
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
-    stop_signals = []  # SIGTERM and SIGUSR1 (Slurm's warnings before preemption) checkpoint and exit with PREEMPTED
-    handlers = {}  # the handlers they replace, put back at the end
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        handlers[sig] = signal.signal(sig, lambda received, frame: stop_signals.append(received))
+    stop = StopSignals()
     # a resume drops the events logged after its checkpoint's step (those at that step were logged before it)
-    writer = SummaryWriter(run_dir, purge_step=loop["global_step"] + 1 if loop["global_step"] else None)
+    writer = SummaryWriter(run_dir, purge_step=loop.global_step + 1 if loop.global_step else None)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
     obs = torch.zeros(args.num_envs, args.frame_stack, args.frame_size, args.frame_size, dtype=torch.uint8, device=device)
     obs[:, -1] = torch.as_tensor(envs.reset(), device=device)
     episode_returns = np.zeros(args.num_envs)
     episode_lengths = np.zeros(args.num_envs, dtype=np.int64)
-    iteration_returns, returns_by_iteration, last_return = (
-        loop["iteration_returns"],
-        loop["returns_by_iteration"],
-        loop["last_return"],
-    )
-    stats = torch.zeros(2, device=device)  # running sums of the loss and the Q-value of the taken actions
-    update = accelerated(make_update(net, target_net, optimizer, replay, args, stats), args)
     act = accelerated(lambda obs, epsilon: select_actions(net, obs, epsilon, with_noise=True), args)
     epsilon_on_device = torch.ones((), device=device)
-    stats_count, updates, global_step, epsilon = 0, loop["updates"], loop["global_step"], 1.0
-    diagnostics_obs = None if loop["diagnostics_obs"] is None else loop["diagnostics_obs"].to(device)
-    sps_start_time, sps_start_step, last_progress = time.time(), global_step, 0.0
-    loop_wall_seconds = loop["wall_seconds"]
+    epsilon = 1.0
+    stats_count = 0  # updates summed in parts.stats since the last read
+    rate = StepRate(loop.global_step)
+    last_progress = 0.0
 
-    while global_step < args.total_timesteps:
-        epsilon = (
-            0.0 if args.noisy else linear_schedule(global_step, args.learning_starts, args.epsilon_decay_steps, args.end_e)
-        )
+    while loop.global_step < args.total_timesteps:
+        if args.noisy:
+            epsilon = 0.0
+        else:
+            epsilon = linear_schedule(loop.global_step, args.learning_starts, args.epsilon_decay_steps, args.end_e)
         if epsilon >= 1.0:
             actions = torch.randint(0, envs.num_actions, (args.num_envs,), device=device)
         else:
             actions = act(obs, epsilon_on_device.fill_(epsilon))
         host_actions = actions.cpu().numpy()  # the loop's one wait for the device
-        previous_step, global_step = global_step, global_step + args.num_envs
+        previous_step = loop.global_step
+        loop.global_step += args.num_envs
+        step = loop.global_step
         # Updates are queued before the env step, so the device trains while the host steps the envs (this step's
         # transition joins the replay after them; Dopamine stores it first).
-        due = int(global_step // args.train_frequency) - int(previous_step // args.train_frequency)
-        new_updates = due if global_step > loop["learning_from"] and replay.adds > args.n_step else 0  # something to sample
+        due = int(step // args.train_frequency) - int(previous_step // args.train_frequency)
+        new_updates = due if step > loop.learning_from and replay.adds > args.n_step else 0  # something to sample
         if new_updates:
             replay.flush()
         for _ in range(new_updates):
-            update()
-        stats_count, updates = stats_count + new_updates, updates + new_updates
+            parts.update()
+        loop.updates += new_updates
+        stats_count += new_updates
         frames, rewards, terminated, truncated = envs.step(host_actions)
 
         episode_returns += rewards
         episode_lengths += 1
         for i in np.flatnonzero(terminated | truncated):
-            last_return = float(episode_returns[i])
-            iteration_returns.append(last_return)
-            writer.add_scalar("charts/episodic_return", last_return, global_step)
-            writer.add_scalar("charts/episodic_length", int(episode_lengths[i]), global_step)
-            episode_returns[i], episode_lengths[i] = 0.0, 0
+            loop.last_return = float(episode_returns[i])
+            loop.iteration_returns.append(loop.last_return)
+            writer.add_scalar("charts/episodic_return", loop.last_return, step)
+            writer.add_scalar("charts/episodic_length", int(episode_lengths[i]), step)
+            episode_returns[i] = 0.0
+            episode_lengths[i] = 0
 
         terminated_on_device, truncated_on_device = to_device(terminated, device), to_device(truncated, device)
         replay.add(obs[:, -1], actions, to_device(rewards, device).clamp(-1.0, 1.0), terminated_on_device, truncated_on_device)
         obs = advance_stack(obs, to_device(frames, device), terminated_on_device | truncated_on_device)
 
-        if global_step // args.target_network_frequency != previous_step // args.target_network_frequency:
+        if crossed(args.target_network_frequency, previous_step, step):
             target_net.load_state_dict(net.state_dict())
-
-        checkpoint_due = (
-            args.checkpoint_every and global_step // args.checkpoint_every != previous_step // args.checkpoint_every
-        )
-        if global_step // args.log_every != previous_step // args.log_every or checkpoint_due or stop_signals:
+        checkpoint_due = args.checkpoint_every and crossed(args.checkpoint_every, previous_step, step)
+        if crossed(args.log_every, previous_step, step) or checkpoint_due or stop.received:
             if stats_count:  # the only reads of device values in the loop
-                loss_mean, q_mean = (stats / stats_count).tolist()
-                if not (math.isfinite(loss_mean) and math.isfinite(q_mean)):
-                    fail(
-                        f"the loss became {loss_mean} and the Q-value {q_mean} by step {global_step:,}; stopped, "
-                        f"the last good checkpoint stays in {run_dir}",
-                        DIVERGED,
-                    )
-                writer.add_scalar("losses/td_loss", loss_mean, global_step)
-                writer.add_scalar("losses/q_values", q_mean, global_step)
-                stats.zero_()
+                log_losses(parts.stats, stats_count, writer, step, run_dir)
                 stats_count = 0
-            writer.add_scalar("charts/epsilon", epsilon, global_step)
-            writer.add_scalar("charts/SPS", (global_step - sps_start_step) / (time.time() - sps_start_time), global_step)
-
-        if global_step // args.diagnostics_every != previous_step // args.diagnostics_every and replay.adds > args.n_step + 1:
-            if diagnostics_obs is None:  # fixed once, so the curves compare the network with itself
-                diagnostics_obs = replay.sample(args.diagnostics_batch_size)["obs"]
-            dormant = dormant_fractions(net, diagnostics_obs, args.dormant_tau)
-            with torch.no_grad():
-                feature_norm = net.bottleneck_features(diagnostics_obs).norm(dim=1).mean().item()
-            writer.add_scalar("diagnostics/dormant_fraction_phi", dormant["phi"], global_step)
-            writer.add_scalar("diagnostics/dormant_fraction_psi", dormant["psi"], global_step)
-            writer.add_scalar("diagnostics/bottleneck_feature_norm", feature_norm, global_step)
-
-        if global_step // args.iteration_steps != previous_step // args.iteration_steps or global_step >= args.total_timesteps:
-            mean_return = float(np.mean(iteration_returns)) if iteration_returns else None
-            returns_by_iteration.append(dict(step=global_step, mean_return=mean_return, episodes=len(iteration_returns)))
-            if mean_return is not None:
-                writer.add_scalar("charts/iteration_mean_return", mean_return, global_step)
-            iteration_returns = []
-
-        if updates - new_updates < 10 <= updates:  # SPS counts from the 10th update: learning runs, compilation is done
-            sps_start_time, sps_start_step = time.time(), global_step
-        if time.time() - last_progress > args.progress_seconds or global_step >= args.total_timesteps:
+            writer.add_scalar("charts/epsilon", epsilon, step)
+            writer.add_scalar("charts/SPS", rate(step), step)
+        if crossed(args.diagnostics_every, previous_step, step) and replay.adds > args.n_step + 1:
+            log_diagnostics(net, replay, loop, args, writer)
+        if crossed(args.iteration_steps, previous_step, step) or step >= args.total_timesteps:
+            end_iteration(loop, writer)
+        if loop.updates - new_updates < 10 <= loop.updates:  # SPS counts from the 10th update (compilation is done)
+            rate.restart(step)
+        if time.time() - last_progress > args.progress_seconds or step >= args.total_timesteps:
             last_progress = time.time()
-            sps = (global_step - sps_start_step) / max(time.time() - sps_start_time, 1e-9)
-            eta = (args.total_timesteps - global_step) / max(sps, 1e-9)
-            print(
-                f"step {global_step:,}/{args.total_timesteps:,} ({100 * global_step / args.total_timesteps:.1f}%) "
-                f"| {sps:.0f} SPS | ETA {format_seconds(eta)} | updates {updates:,} | epsilon {epsilon:.3f} "
-                f"| last return {last_return if last_return is not None else '-'}",
-                flush=True,
-            )
-
-        if checkpoint_due or stop_signals:  # after the stats read above: nothing diverged up to here
-            loop.update(
-                global_step=global_step,
-                updates=updates,
-                iteration_returns=iteration_returns,
-                returns_by_iteration=returns_by_iteration,
-                last_return=last_return,
-                diagnostics_obs=None if diagnostics_obs is None else diagnostics_obs.cpu(),
-                wall_seconds=loop_wall_seconds + time.time() - start_time,
-            )
-            written_in = time.time()
-            write_atomically(training_state(net, target_net, optimizer, replay, args, loop), checkpoint_path)
-            print(
-                f"checkpoint at step {global_step:,}: {os.path.getsize(checkpoint_path) / 1e9:.2f} GB in "
-                f"{time.time() - written_in:.1f} s",
-                flush=True,
-            )
-        if stop_signals:
-            print(
-                f"{signal.Signals(stop_signals[0]).name}: checkpointed step {global_step:,}; exiting with code "
-                f"{PREEMPTED}, continue with --resume {run_dir}",
-                flush=True,
-            )
-            writer.close()
-            envs.close()
-            raise SystemExit(PREEMPTED)
+            print_progress(args, loop, rate(step), epsilon)
+        if checkpoint_due or stop.received:  # after the stats read above: nothing diverged up to here
+            loop.wall_seconds = time.time() - clock_origin
+            save_checkpoint(checkpoint_path, parts, args, loop)
+        if stop.received:
+            exit_preempted(stop, step, run_dir, writer, envs)
 
     envs.close()
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
+    stop.close()
     summary = dict(
         script=os.path.basename(__file__),
         args=asdict(args),
         env_id=args.env_id,
         seed=args.seed,
-        env_steps=global_step,
-        frames=global_step * envs.frames_per_step,
-        updates=updates,
-        wall_seconds=loop_wall_seconds + time.time() - start_time,
+        env_steps=loop.global_step,
+        frames=loop.global_step * envs.frames_per_step,
+        updates=loop.updates,
+        wall_seconds=time.time() - clock_origin,
         device=str(device),
-        sps=(global_step - sps_start_step) / max(time.time() - sps_start_time, 1e-9),
-        params_total=params_total,
-        params_bottleneck=params_bottleneck,
-        params_psi=params_psi,
-        returns_by_iteration=returns_by_iteration,
-        final_return=returns_by_iteration[-1]["mean_return"] if returns_by_iteration else None,
+        sps=rate(loop.global_step),
+        **counts,
+        returns_by_iteration=loop.returns_by_iteration,
+        final_return=loop.returns_by_iteration[-1]["mean_return"] if loop.returns_by_iteration else None,
     )
     if args.eval_episodes > 0:
         video = [] if args.capture_video else None
         eval_returns = evaluate(net, args, device, video=video)
         summary["eval_return"] = float(np.mean(eval_returns))
         summary["eval_returns"] = eval_returns
-        writer.add_scalar("eval/mean_return", summary["eval_return"], global_step)
+        writer.add_scalar("eval/mean_return", summary["eval_return"], loop.global_step)
         if video:
-            write_video(video, writer, run_dir, global_step)
+            write_video(video, writer, run_dir, loop.global_step)
     if args.capture_video and args.eval_episodes == 0:  # no evaluation: one episode played as evaluation plays
         video = []
         evaluate(net, replace(args, eval_episodes=1), device, video=video)
-        write_video(video, writer, run_dir, global_step)
+        write_video(video, writer, run_dir, loop.global_step)
     if args.save_model:
         torch.save({"model": net.state_dict(), "args": asdict(args)}, os.path.join(run_dir, "model.pt"))
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
@@ -1010,7 +977,7 @@ def main(args: Args) -> dict:
     writer.close()
     evaluation = f", evaluation {summary['eval_return']}" if "eval_return" in summary else ""
     print(
-        f"done: {global_step:,} steps, {updates:,} updates in {format_seconds(summary['wall_seconds'])}; "
+        f"done: {loop.global_step:,} steps, {loop.updates:,} updates in {format_seconds(summary['wall_seconds'])}; "
         f"final return {summary['final_return']}{evaluation}; run folder {run_dir}"
     )
     summary["run_dir"] = run_dir
@@ -1031,30 +998,12 @@ def fail(message: str, code: int = BAD_INPUT):
 
 
 def validate_args(args: Args):
-    for name in [
-        "num_envs",
-        "frame_size",
-        "frame_stack",
-        "frame_skip",
-        "max_episode_frames",
-        "scale",
-        "v_max",
-        "num_experts",
-        "capacity_factor",
-        "encoder_scale",
-        "total_timesteps",
-        "iteration_steps",
-        "buffer_size",
-        "n_step",
-        "batch_size",
-        "train_frequency",
-        "target_network_frequency",
-        "learning_rate",
-        "adam_eps",
-        "diagnostics_every",
-        "diagnostics_batch_size",
-        "log_every",
-    ]:
+    positive = (
+        "num_envs frame_size frame_stack frame_skip max_episode_frames scale v_max num_experts capacity_factor "
+        "encoder_scale total_timesteps iteration_steps buffer_size n_step batch_size train_frequency "
+        "target_network_frequency learning_rate adam_eps diagnostics_every diagnostics_batch_size log_every"
+    ).split()
+    for name in positive:
         if not getattr(args, name) > 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     for name in ["learning_starts", "eval_episodes", "weight_decay", "checkpoint_every"]:
@@ -1073,6 +1022,102 @@ def validate_args(args: Args):
             f"--buffer-size {args.buffer_size} is too small for {args.num_envs} envs, n-step {args.n_step} "
             f"and a stack of {args.frame_stack}"
         )
+
+
+def seeded_device(args: Args) -> torch.device:
+    """Seeds python, numpy and torch, sets the numerics flags and picks the device."""
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32  # float32 unless asked
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if args.cudagraphs and device.type != "cuda":
+        fail("--cudagraphs needs a CUDA device (none is available, or --no-cuda was given)")
+    return device
+
+
+def make_run_dir(args: Args) -> str:
+    """The run folder (the resumed one, or a new one named after the env, experiment, seed and time), writable."""
+    run_name = f"{args.env_id.replace('/', '_').replace(':', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = args.resume or os.path.join(args.output_dir, run_name)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=run_dir).close()  # fails now, not at the first checkpoint, if unwritable
+    except OSError as error:
+        fail(f"cannot write to the run folder {run_dir}: {error.strerror}")
+    return run_dir
+
+
+class StopSignals:
+    """Records SIGTERM and SIGUSR1 (Slurm's warning before preemption): the loop then checkpoints and exits with
+    PREEMPTED. close() puts the handlers they replaced back."""
+
+    def __init__(self):
+        self.received = []
+        self.replaced = {}
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self.replaced[sig] = signal.signal(sig, self.record)
+
+    def record(self, received, frame):
+        self.received.append(received)
+
+    def close(self):
+        for sig, handler in self.replaced.items():
+            signal.signal(sig, handler)
+
+
+def exit_preempted(stop: StopSignals, step: int, run_dir: str, writer: SummaryWriter, envs):
+    print(
+        f"{signal.Signals(stop.received[0]).name}: checkpointed step {step:,}; exiting with code {PREEMPTED}, "
+        f"continue with --resume {run_dir}",
+        flush=True,
+    )
+    writer.close()
+    envs.close()
+    raise SystemExit(PREEMPTED)
+
+
+def log_losses(stats: torch.Tensor, count: int, writer: SummaryWriter, step: int, run_dir: str):
+    """Reads the device's sums of the loss and Q-value over `count` updates, logs their means and zeroes them; a
+    non-finite mean stops the run with DIVERGED."""
+    loss_mean, q_mean = (stats / count).tolist()
+    if not (math.isfinite(loss_mean) and math.isfinite(q_mean)):
+        fail(
+            f"the loss became {loss_mean} and the Q-value {q_mean} by step {step:,}; stopped, the last good checkpoint "
+            f"stays in {run_dir}",
+            DIVERGED,
+        )
+    writer.add_scalar("losses/td_loss", loss_mean, step)
+    writer.add_scalar("losses/q_values", q_mean, step)
+    stats.zero_()
+
+
+class StepRate:
+    """Agent steps per second since restart()."""
+
+    def __init__(self, step: int):
+        self.restart(step)
+
+    def restart(self, step: int):
+        self.since, self.from_step = time.time(), step
+
+    def pause(self, seconds: float):
+        """Leaves `seconds` (an evaluation's) out of the count."""
+        self.since += seconds
+
+    def __call__(self, step: int) -> float:
+        return (step - self.from_step) / max(time.time() - self.since, 1e-9)
+
+
+def print_progress(args: Args, loop, steps_per_second: float, epsilon: float):
+    eta = (args.total_timesteps - loop.global_step) / max(steps_per_second, 1e-9)
+    print(
+        f"step {loop.global_step:,}/{args.total_timesteps:,} ({100 * loop.global_step / args.total_timesteps:.1f}%) "
+        f"| {steps_per_second:.0f} SPS | ETA {format_seconds(eta)} | updates {loop.updates:,} | epsilon {epsilon:.3f} "
+        f"| last return {loop.last_return if loop.last_return is not None else '-'}",
+        flush=True,
+    )
 
 
 # Environments: reset() -> frames (num_envs, size, size) uint8; step(actions) -> frames, rewards, terminated,
@@ -1268,24 +1313,13 @@ def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 # args that may change when a run is resumed; the others define the experiment and must match the checkpoint's
-RUN_CONTROL_ARGS = {
-    "resume",
-    "total_timesteps",
-    "output_dir",
-    "cuda",
-    "compile",
-    "cudagraphs",
-    "save_model",
-    "eval_episodes",
-    "log_every",
-    "progress_seconds",
-    "checkpoint_every",
-    "checkpoint_replay",
-    "capture_video",
-}
+RUN_CONTROL_ARGS = set(
+    "resume total_timesteps output_dir cuda compile cudagraphs save_model eval_episodes log_every "
+    "progress_seconds checkpoint_every checkpoint_replay capture_video".split()
+)
 
 
-def training_state(net, target_net, optimizer, replay: DeviceReplay, args: Args, loop: dict) -> dict:
+def training_state(parts: TrainingParts, args: Args, loop: LoopState) -> dict:
     """What a run needs to go on where it stands; the envs restart (see DeviceReplay.end_streams)."""
     rng = dict(
         torch=torch.get_rng_state(),
@@ -1293,29 +1327,52 @@ def training_state(net, target_net, optimizer, replay: DeviceReplay, args: Args,
         python=random.getstate(),
         cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     )
+    loop_state = dict(vars(loop))  # a plain dict: checkpoints do not depend on the class
+    if loop.diagnostics_obs is not None:
+        loop_state["diagnostics_obs"] = loop.diagnostics_obs.cpu()
     return dict(
         script=os.path.basename(__file__),
         args=asdict(args),
-        loop=loop,
-        net=net.state_dict(),
-        target_net=target_net.state_dict(),
-        optimizer=optimizer.state_dict(),
-        replay=replay.state_dict(args.checkpoint_replay),
+        loop=loop_state,
+        net=parts.net.state_dict(),
+        target_net=parts.target_net.state_dict(),
+        optimizer=parts.optimizer.state_dict(),
+        replay=parts.replay.state_dict(args.checkpoint_replay),
         rng=rng,
     )
 
 
-def restore_training_state(state: dict, net, target_net, optimizer, replay: DeviceReplay) -> dict:
-    net.load_state_dict(state["net"])
-    target_net.load_state_dict(state["target_net"])
-    optimizer.load_state_dict(state["optimizer"])
-    replay.load_state_dict(state["replay"])
+def restore_training_state(state: dict, parts: TrainingParts):
+    parts.net.load_state_dict(state["net"])
+    parts.target_net.load_state_dict(state["target_net"])
+    parts.optimizer.load_state_dict(state["optimizer"])
+    parts.replay.load_state_dict(state["replay"])
     torch.set_rng_state(state["rng"]["torch"])
     np.random.set_state(state["rng"]["numpy"])
     random.setstate(state["rng"]["python"])
     if state["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return state["loop"]
+
+
+def resume_training(state: dict, parts: TrainingParts, loop: LoopState, args: Args, run_dir: str, device: torch.device):
+    """main() on --resume: the checkpoint's networks, optimizer, replay and random streams, and the replay's streams
+    ended where the envs restart."""
+    restore_training_state(state, parts)
+    parts.replay.end_streams()
+    loop.resumes += 1
+    if loop.diagnostics_obs is not None:
+        loop.diagnostics_obs = loop.diagnostics_obs.to(device)
+    if parts.replay.adds == 0 and loop.global_step > 0:
+        loop.learning_from = loop.global_step + args.learning_starts
+        print(f"the checkpoint holds no replay: refilling it for {args.learning_starts:,} steps before learning")
+    print(f"resuming {run_dir} at step {loop.global_step:,} (resume {loop.resumes})")
+
+
+def save_checkpoint(path: str, parts: TrainingParts, args: Args, loop: LoopState):
+    written_in = time.time()
+    write_atomically(training_state(parts, args, loop), path)
+    seconds = time.time() - written_in
+    print(f"checkpoint at step {loop.global_step:,}: {os.path.getsize(path) / 1e9:.2f} GB in {seconds:.1f} s", flush=True)
 
 
 def write_atomically(state: dict, path: str):

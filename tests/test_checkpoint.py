@@ -83,35 +83,35 @@ def test_checkpoint_restores_exactly_what_was_saved(name, tmp_path):
 
     torch.manual_seed(0)
     parts = training_parts(module, args, device)
-    net, target_net, optimizer, replay = parts.net, parts.target_net, parts.optimizer, parts.replay
+    replay = parts.replay
     replay.rewards.uniform_(-1, 1)
     replay.cursor, replay.adds = 123, 700
     for _ in range(3):
         parts.update()
-    np.random.rand(7), torch.rand(3)  # move every RNG away from its seed
-    loop = dict(
+    np.random.rand(7)  # move every RNG away from its seed
+    torch.rand(3)
+    loop = module.LoopState(
         global_step=1234,
         updates=3,
         iteration_returns=[1.0, -1.0],
-        returns_by_iteration=[],
         last_return=-1.0,
         diagnostics_obs=torch.ones(2, 4, 24, 24, dtype=torch.uint8),
         wall_seconds=5.0,
-        resumes=0,
         learning_from=100,
     )
-    saved = module.training_state(net, target_net, optimizer, replay, args, loop)
+    saved = module.training_state(parts, args, loop)
     run_dir = str(tmp_path)
     module.write_atomically(saved, os.path.join(run_dir, "checkpoint.pt"))
     expected_draws = (torch.rand(4), np.random.rand(4))
 
-    torch.manual_seed(99), np.random.seed(99)
-    other = training_parts(module, args, device)  # different weights and replay contents, all to be overwritten
-    fresh = (other.net, other.target_net, other.optimizer, other.replay)
-    restored_loop = module.restore_training_state(module.read_checkpoint(run_dir, args), *fresh)
-    assert_same(module.training_state(*fresh, args, restored_loop), saved)
-    assert torch.equal(fresh[3].frames, replay.frames) and torch.equal(fresh[3].priorities, replay.priorities)
-    assert fresh[2].state_dict()["state"][0]["exp_avg_sq"].abs().sum() > 0  # Adam's moments came back, not zeros
+    torch.manual_seed(99)
+    np.random.seed(99)
+    fresh = training_parts(module, args, device)  # different weights and replay contents, all to be overwritten
+    state = module.read_checkpoint(run_dir, args)
+    module.restore_training_state(state, fresh)
+    assert_same(module.training_state(fresh, args, module.LoopState(**state["loop"])), saved)
+    assert torch.equal(fresh.replay.frames, replay.frames) and torch.equal(fresh.replay.priorities, replay.priorities)
+    assert fresh.optimizer.state_dict()["state"][0]["exp_avg_sq"].abs().sum() > 0  # Adam's moments came back, not zeros
     draws = (torch.rand(4), np.random.rand(4))  # the random streams go on exactly where they stood
     assert torch.equal(draws[0], expected_draws[0]) and np.array_equal(draws[1], expected_draws[1])
 

@@ -254,23 +254,48 @@ def reference_game(seed, terminal_on_life_loss):
 
 @pytest.mark.parametrize("terminal_on_life_loss", [True, False])
 def test_evaluation_restarts_the_stack_after_a_lost_life_while_the_game_goes_on(terminal_on_life_loss):
+    """Each env's frame stacks and return against its game played directly; only the envs whose game goes on are
+    shown to the network (the batch at step t holds the games longer than t, in env order)."""
+    envs = 6
     args = der.Args(
         env_backend="gymnasium",
         env_id="toy_envs.catch:CatchLives-v0",
-        eval_episodes=3,
+        eval_episodes=envs,
         eval_epsilon=0.0,
         terminal_on_life_loss=terminal_on_life_loss,
         **TINY,
     )
     net = StillPaddle()
     returns = der.evaluate(net, args, torch.device("cpu"), seed=7)
-    for i in range(3):  # env i is reset with seed 7 + i
-        stacks, game_return = reference_game(7 + i, terminal_on_life_loss)
+    games = [reference_game(7 + i, terminal_on_life_loss) for i in range(envs)]  # env i is reset with seed 7 + i
+    lengths = [len(stacks) for stacks, _ in games]
+    assert len(set(lengths)) > 1  # games end at different steps (a caught ball makes a game longer)
+    assert [len(batch) for batch in net.seen] == [sum(n > t for n in lengths) for t in range(max(lengths))]
+    for i, (stacks, game_return) in enumerate(games):
         restarts = [t for t in range(1, len(stacks)) if not stacks[t][:-1].any()]  # zeros but the newest frame
         assert len(restarts) == (2 if terminal_on_life_loss else 0)  # three lives: two lost before the game ends
         for t, stack in enumerate(stacks):
-            assert torch.equal(net.seen[t][i], torch.from_numpy(stack)), (i, t)
+            row = sum(lengths[j] > t for j in range(i))  # the envs before i still playing at step t
+            assert torch.equal(net.seen[t][row], torch.from_numpy(stack)), (i, t)
         assert returns[i] == game_return  # the whole game's return, the lost lives included
+
+
+@pytest.mark.parametrize("backend", ["envpool", "gymnasium"])
+def test_stepping_some_envs_gives_what_stepping_all_gives_them(backend):
+    """Evaluation steps only the envs still playing: envs 3 and 1 stepped alone follow the same frames, rewards and
+    lives as when every env steps (the envs are independent)."""
+    args = der.Args(env_id="Breakout", env_backend=backend, **TINY)
+    every, some = der.make_env(args, num_envs=4, seed=11), der.make_env(args, num_envs=4, seed=11)
+    assert np.array_equal(every.reset(), some.reset())
+    rng, chosen = np.random.default_rng(0), np.array([3, 1])
+    for _ in range(60):
+        actions = rng.integers(0, every.num_actions, 4)
+        all_outputs = every.step(actions)
+        some_outputs = some.step(actions[chosen], chosen)
+        for full, part in zip(all_outputs, some_outputs):
+            assert np.array_equal(full[chosen], part)
+    every.close()
+    some.close()
 
 
 def test_human_normalised_score_and_the_26_games():

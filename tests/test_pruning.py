@@ -128,12 +128,9 @@ def training_setup(method: str, **overrides):
     args = pruned.Args(
         frame_size=24, buffer_size=600, batch_size=8, learning_rate=1e-3, method=method, cuda=False, **overrides
     )
-    parts = training_parts(pruned, args, torch.device("cpu"))
-    steps = pruned.schedule_steps(args, args.total_timesteps)
-    pruner = pruned.Pruner(parts.net, parts.optimizer, args, steps["prune_start_step"], steps["prune_end_step"])
-    parts.target_net.load_state_dict(parts.net.state_dict())  # with the initial masks, as main() does
+    parts = training_parts(pruned, args, torch.device("cpu"))  # the pruner's schedule: a run of args.total_timesteps
     parts.replay.rewards.uniform_(-1, 1)
-    return parts.net, parts.optimizer, pruner, parts.update
+    return parts.net, parts.optimizer, parts.pruner, parts.update
 
 
 def test_pruned_weights_and_noise_scales_stay_zero_across_optimizer_steps():

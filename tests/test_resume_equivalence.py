@@ -32,23 +32,22 @@ def tiny_args(module, method):
     return module.Args(**overrides)
 
 
-def starting_loop(name, module, args) -> dict:
+def starting_loop(name, module, args):
     """The loop state main() starts with (and saves in its checkpoints, updated)."""
-    loop = module.starting_loop(args)
+    loop = module.LoopState(learning_from=args.learning_starts)
     if name == "rainbow_pruned":  # the schedule's agent steps, fixed by main() when the run starts
-        loop.update(module.schedule_steps(args, args.total_timesteps))
+        loop.prune_start_step, loop.prune_end_step = module.schedule_steps(args, args.total_timesteps)
     return loop
 
 
 def build_parts(name, module, args, loop, seed):
-    """Networks, optimizer, a replay and (rainbow_pruned) the pruner, built in main()'s order."""
+    """Networks, optimizer, a filled replay and (rainbow_pruned) the pruner, from the script's make_training as main()
+    builds them (rainbow_pruned's with the schedule of the loop state)."""
     torch.manual_seed(seed)
-    parts = training_parts(module, args, torch.device("cpu"), NUM_ACTIONS)
-    parts.pruner = None
     if name == "rainbow_pruned":
-        parts.pruner = module.Pruner(parts.net, parts.optimizer, args, loop["prune_start_step"], loop["prune_end_step"])
-        parts.target_net.load_state_dict(parts.net.state_dict())  # with the initial masks, as main() does
-    return parts
+        prune_steps = (loop.prune_start_step, loop.prune_end_step)
+        return training_parts(module, args, torch.device("cpu"), NUM_ACTIONS, prune_steps=prune_steps)
+    return training_parts(module, args, torch.device("cpu"), NUM_ACTIONS)
 
 
 def play(parts, args, loop, steps):
@@ -58,19 +57,19 @@ def play(parts, args, loop, steps):
     state replays the same transitions."""
     frame_shape = (args.num_envs, *parts.replay.frames.shape[1:])  # Procgen's frames are RGB: (3, H, W)
     for _ in range(steps):
-        loop["global_step"] += args.num_envs
+        loop.global_step += args.num_envs
         parts.replay.flush()
         parts.update()
-        loop["updates"] += 1
-        if parts.pruner is not None:
-            parts.pruner.step(loop["global_step"], loop["updates"] - 1, loop["updates"])
+        loop.updates += 1
+        if hasattr(parts, "pruner"):
+            parts.pruner.step(loop.global_step, loop.updates - 1, loop.updates)
         frames = torch.randint(0, 256, frame_shape, dtype=torch.uint8)
         actions = torch.randint(0, NUM_ACTIONS, (args.num_envs,))
         rewards = torch.randint(-1, 2, (args.num_envs,)).float()
         terminated = torch.rand(args.num_envs) < 0.2  # a few episode ends among the new transitions
         truncated = torch.zeros(args.num_envs, dtype=torch.bool)
         parts.replay.add(frames, actions, rewards, terminated, truncated)
-        if loop["global_step"] % args.target_network_frequency == 0:
+        if loop.global_step % args.target_network_frequency == 0:
             parts.target_net.load_state_dict(parts.net.state_dict())
 
 
@@ -81,8 +80,8 @@ def everything(parts, loop) -> dict:
         target_net=parts.target_net.state_dict(),
         optimizer=parts.optimizer.state_dict(),
         replay=parts.replay.state_dict(True),
-        global_step=loop["global_step"],
-        updates=loop["updates"],
+        global_step=loop.global_step,
+        updates=loop.updates,
         torch_rng=torch.get_rng_state(),
     )
 
@@ -123,10 +122,7 @@ def test_a_resumed_run_goes_on_exactly_as_the_uninterrupted_one(name, method, tm
 
     # the checkpoint, written and read back with the script's own functions, as main() does at a checkpoint step
     run_dir = str(tmp_path)
-    module.write_atomically(
-        module.training_state(original.net, original.target_net, original.optimizer, original.replay, args, loop),
-        f"{run_dir}/checkpoint.pt",
-    )
+    module.write_atomically(module.training_state(original, args, loop), f"{run_dir}/checkpoint.pt")
 
     play(original, args, loop, steps=6)  # the run that was not interrupted goes on
     expected = everything(original, loop)
@@ -136,10 +132,10 @@ def test_a_resumed_run_goes_on_exactly_as_the_uninterrupted_one(name, method, tm
     # main() on --resume: read the checkpoint, build everything anew (another seed here, so nothing is carried over
     # but what the checkpoint holds; the pruner takes the schedule's steps from the saved loop), then restore
     state = module.read_checkpoint(run_dir, args)
-    restored_loop = state["loop"]
+    restored_loop = module.LoopState(**state["loop"])
     resumed = build_parts(name, module, args, restored_loop, seed=12345)
     assert not torch.equal(next(resumed.net.parameters()), next(original.net.parameters()))  # a different start
-    module.restore_training_state(state, resumed.net, resumed.target_net, resumed.optimizer, resumed.replay)
+    module.restore_training_state(state, resumed)
     # main() then ends the replay's streams because its envs start new episodes (DeviceReplay.end_streams); this
     # test's "env" is a random stream that goes on, so neither side ends them
     play(resumed, args, restored_loop, steps=6)

@@ -12,7 +12,8 @@ each run at iteration K instead of its last.
         --random-play docs/results/random_play.json                       # Atari 100k beside DER's published scores
 
 Writes OUT/aggregate.csv (method, metric, value, ci_low, ci_high), OUT/per_game.csv (method, game, runs, score,
-normalised), OUT/aggregate.md (both tables, the per-game one with the reference scores beside ours) and, unless
+normalised), OUT/aggregate.md (both tables: the aggregate one with, given --published, the published scores' metrics
+on the same games; the per-game one with the reference scores beside ours) and, unless
 --no-plots, the
 PNG plots of benchmark/plots.py (IQM against scale, IQM over training, GPU hours against IQM, the method comparison,
 the diagnostics over training, per-game curves beside Dopamine's): a plot the runs cannot make is skipped with one
@@ -35,6 +36,7 @@ from benchmark.metrics import (  # noqa: E402
     find_run_dirs,
     load_runs,
     per_game,
+    published_aggregate,
     published_scores,
     random_play_scores,
     scores_by_method,
@@ -74,14 +76,24 @@ def number(value: Optional[float]) -> str:
 def markdown_tables(rows: List[dict], games: List[dict], args: Args) -> List[str]:
     """The aggregate metrics with their intervals, then the per-game scores beside the reference ones: the table's
     random and human scores and, when given, the published scores and our random play."""
+    if args.published:
+        published_name, published = published_scores(args.published)
     lines = ["| method | metric | value | 95% CI | runs x games |", "|---|---|---|---|---|"]
     for r in rows:
         interval = f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
         lines.append(f"| {r['method']} | {r['metric']} | {r['value']:.3f} | {interval} | {r['runs']} x {r['games']} |")
+    if args.published:  # the published scores' metrics on each method's games, beside ours
+        for method in sorted({r["method"] for r in rows}):
+            method_games = sorted({g["game"] for g in games if g["method"] == method})
+            published_metrics = published_aggregate(published, method_games)
+            if published_metrics is None:  # a game without a published score: no like-for-like aggregate
+                continue
+            label = f"{published_name} (published) on the games of {method}"
+            for metric, value in published_metrics.items():
+                lines.append(f"| {label} | {metric} | {value:.3f} | - | 1 x {len(method_games)} |")
     atari = atari_random_and_human()  # Procgen games have no random or human score: dashes
     header = ["method", "game", "runs", "score", "normalised", "random", "human"]
     if args.published:
-        published_name, published = published_scores(args.published)
         header.append(published_name)
     if args.random_play:
         random_play = random_play_scores(args.random_play)
@@ -119,7 +131,8 @@ def main(args: Args) -> List[dict]:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
     if args.plots:
-        plots.draw_all(runs, rows, args.out, args.reps, args.seed)
+        published = published_scores(args.published)[1] if args.published else None
+        plots.draw_all(runs, rows, args.out, args.reps, args.seed, published)
     return rows
 
 

@@ -298,3 +298,14 @@ def random_play_scores(path: str) -> Dict[str, float]:
     """benchmark/random_play.py's JSON (game -> its measurement): game -> mean return of uniform random play."""
     with open(path) as f:
         return {game.lower(): measured["mean_return"] for game, measured in json.load(f).items()}
+
+
+def published_aggregate(published: Dict[str, float], games: List[str]) -> Optional[Dict[str, float]]:
+    """The metrics of published per-game scores (one score a game, normalised with the same table as ours) over
+    `games`, the games a method of ours played, so the two aggregates compare like with like; None when a game has
+    no published score."""
+    if any(game not in published for game in games):
+        return None
+    table = atari_random_and_human()
+    matrix = np.array([[normalised_score(game, published[game], table) for game in sorted(games)]])
+    return {metric: METRIC_FUNCTIONS[metric](matrix) for metric in METRICS}

@@ -16,6 +16,8 @@ interval is its 95% stratified bootstrap over runs (Agarwal et al. 2021).
   dopamine_curves.png    per game, the flagship's mean training return per iteration (mean and min-max over seeds)
                          beside Dopamine's published JAX Rainbow, Impala and Nature CNN (mean and min-max over 5
                          seeds; benchmark/reference/dopamine_rainbow_curves.csv, the 20 games of the paper)
+  evaluation_curves.png  per game, the evaluation return after each iteration (DER on Atari 100k, Procgen), one line
+                         per method (mean, min-max over runs), the published score (aggregate.py --published) dashed
 
 A plot the runs cannot make (one scale only, no TensorBoard diagnostics, no flagship run on a reference game...) is
 skipped with one printed line saying why.
@@ -331,8 +333,60 @@ def draw_dopamine_curves(runs: List[Run], out: str) -> Optional[str]:
     return save(fig, out, "dopamine_curves.png")
 
 
-def draw_all(runs: List[Run], rows: List[dict], out: str, reps: int, seed: int) -> List[str]:
-    """Every plot the runs can make; returns the paths written."""
+def evaluation_curves(runs: List[Run]) -> Dict[str, Dict[str, dict]]:
+    """game -> method -> frames (millions), the mean evaluation return after each iteration over the method's runs,
+    their min and max, and the number of runs: the iterations every run of the method reached, for runs that evaluate
+    after their iterations (`eval_by_iteration` in summary.json: DER on Atari 100k, Procgen)."""
+    curves = defaultdict(dict)
+    evaluated = [run for run in runs if run.summary.get("eval_by_iteration")]
+    for (game, method), members in group(evaluated, lambda run: (run.game, run.method)).items():
+        length = min(len(run.summary["eval_by_iteration"]) for run in members)
+        returns = np.array([[p["mean_return"] for p in run.summary["eval_by_iteration"][:length]] for run in members])
+        frames = [
+            p["step"] * frames_per_step(members[0].summary) / 1e6 for p in members[0].summary["eval_by_iteration"][:length]
+        ]
+        curves[game][method] = dict(
+            frames=frames, mean=returns.mean(0), low=returns.min(0), high=returns.max(0), runs=len(members)
+        )
+    return curves
+
+
+def draw_evaluation_curves(runs: List[Run], out: str, published: Optional[Dict[str, float]] = None) -> Optional[str]:
+    """Per game, each method's evaluation return after every iteration: the mean over its runs, their min-max when
+    there are several, and the published score (e.g. DER's) as a dashed line."""
+    curves = evaluation_curves(runs)
+    if not curves:
+        return skip("evaluation_curves", "no run evaluates after its iterations (eval_by_iteration in summary.json)")
+    games = sorted(curves)
+    methods = sorted({method for by_method in curves.values() for method in by_method})
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = {method: palette[i % len(palette)] for i, method in enumerate(methods)}
+    cols = min(4, len(games))
+    rows_of_plots = math.ceil(len(games) / cols)
+    fig, axes = plt.subplots(rows_of_plots, cols, figsize=(4 * cols, 3 * rows_of_plots), squeeze=False)
+    for ax, game in zip(axes.ravel(), games):
+        for method, curve in sorted(curves[game].items()):
+            label = f"{method} ({curve['runs']} run{'s' if curve['runs'] > 1 else ''})"
+            ax.plot(curve["frames"], curve["mean"], marker=".", color=colors[method], label=label)
+            if curve["runs"] > 1:
+                ax.fill_between(curve["frames"], curve["low"], curve["high"], color=colors[method], alpha=0.2)
+        if published and game in published:
+            ax.axhline(published[game], linestyle="--", color="black", label="published")
+        ax.set(title=game, xlabel="frames (millions)", ylabel="evaluation return")
+    for ax in axes.ravel()[len(games) :]:
+        ax.axis("off")
+    legend = {}
+    for ax in axes.ravel():
+        legend.update({label: handle for handle, label in zip(*ax.get_legend_handles_labels()) if label not in legend})
+    fig.legend(legend.values(), legend.keys(), loc="lower center", fontsize=8, ncol=2, bbox_to_anchor=(0.5, 1.0))
+    return save(fig, out, "evaluation_curves.png")
+
+
+def draw_all(
+    runs: List[Run], rows: List[dict], out: str, reps: int, seed: int, published: Optional[Dict[str, float]] = None
+) -> List[str]:
+    """Every plot the runs can make, the published per-game scores (game -> score) beside the evaluation curves;
+    returns the paths written."""
     os.makedirs(out, exist_ok=True)
     paths = [
         draw_iqm_vs_scale(runs, out, reps, seed),
@@ -342,5 +396,6 @@ def draw_all(runs: List[Run], rows: List[dict], out: str, reps: int, seed: int) 
         draw_method_comparison(rows, out),
         draw_diagnostics(runs, out),
         draw_dopamine_curves(runs, out),
+        draw_evaluation_curves(runs, out, published),
     ]
     return [path for path in paths if path]

@@ -6,7 +6,10 @@ Each game is played `--episodes` times in parallel envs made by the script's `ma
 actions, 0-29 no-op steps at reset, the 27k-step cap), one whole game per env, with actions drawn uniformly. The mean
 return sits next to the random score of the human-normalisation table (benchmark/reference/atari_human_random.csv):
 a wrapper that loses rewards, ends games early or maps actions wrongly shows up as a gap between the two.
-Writes (and merges into) a JSON file: {game: {episodes, mean_return, std_return, table_random, seconds}}.
+Writes (and merges into) a JSON file: {game: {episodes, mean_return, std_return, table_random, seconds, ...}}.
+
+    python benchmark/random_play.py --games Hero Amidar --frame-skip 6 --max-episode-frames 18000 \
+        --out docs/results/random_play_table_protocol.json     # as the table's random agent played
 """
 
 import json
@@ -14,7 +17,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field, replace
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 import tyro
@@ -38,6 +41,12 @@ class Args:
     """seed of the envs and the actions"""
     out: str = "benchmark/results/random_play.json"
     """JSON file the results are merged into"""
+    frame_skip: Optional[int] = None
+    """frames per action (default: the script's, 4); the table's random scores come from an agent that chose an
+    action every sixth frame in games of at most 5 minutes (Mnih et al. 2015): `--frame-skip 6
+    --max-episode-frames 18000`"""
+    max_episode_frames: Optional[int] = None
+    """the cap on a game's frames (default: the script's, 108,000 for DER)"""
 
 
 def random_returns(module, script_args, episodes: int, seed: int) -> np.ndarray:
@@ -64,6 +73,10 @@ def main(args: Args) -> dict:
             results = json.load(f)
     for game in args.games:
         script_args = replace(module.Args(), env_id=f"{game}-v5", env_backend=args.env_backend, cuda=False)
+        if args.frame_skip is not None:
+            script_args = replace(script_args, frame_skip=args.frame_skip)
+        if args.max_episode_frames is not None:
+            script_args = replace(script_args, max_episode_frames=args.max_episode_frames)
         start = time.time()
         returns = random_returns(module, script_args, args.episodes, args.seed)
         table_random = table.get(game_name(script_args.env_id), (None, None))[0]
@@ -75,6 +88,8 @@ def main(args: Args) -> dict:
             seconds=round(time.time() - start, 1),
             script=args.script,
             env_backend=args.env_backend,
+            frame_skip=script_args.frame_skip,
+            max_episode_frames=script_args.max_episode_frames,
         )
         print(
             f"{game}: {returns.mean():.1f} +- {returns.std():.1f} over {args.episodes} games "

@@ -345,3 +345,31 @@ def test_per_game_table_puts_the_reference_scores_beside_ours(tmp_path):
     assert [(r["game"], r["runs"]) for r in rows] == [("breakout", "2"), ("pong", "2")]
     assert [float(r["score"]) for r in rows] == pytest.approx([23.3, -3.05])
     assert [float(r["normalised"]) for r in rows] == pytest.approx([0.75, 0.5])
+
+
+def test_published_aggregate_is_computed_on_our_games(tmp_path):
+    """Beside our metrics, aggregate.md gives the published scores' metrics on the games our method played, normalised
+    with the same table: here Breakout (1.9 - 1.7) / (30.5 - 1.7) = 1/144 and Pong (-3.05 + 20.7) / (14.6 + 20.7) = 0.5;
+    Alien's published score is left out, as no run of ours played it."""
+    write_run(tmp_path / "runs" / "breakout", "der_atari100k_gap.py", "Breakout", 1, 16.1)
+    write_run(tmp_path / "runs" / "pong", "der_atari100k_gap.py", "Pong", 1, -3.05)
+    published = tmp_path / "published.csv"
+    published.write_text("game,der_score,hns\nAlien,739.9,0.0742\nBreakout,1.9,0.0069\nPong,-3.05,0.5\n")
+    out = tmp_path / "out"
+    aggregate.main(
+        aggregate.Args(run_dirs=[str(tmp_path / "runs")], out=str(out), reps=10, plots=False, published=str(published))
+    )
+    lines = (out / "aggregate.md").read_text().splitlines()
+    label = "der_score (published) on the games of der_atari100k_gap"
+    mean = (1 / 144 + 0.5) / 2  # two games: the IQM trims nothing, and the median of two is their mean
+    expected = dict(iqm=mean, median=mean, mean=mean, optimality_gap=1 - mean)
+    published_rows = [line.split(" | ") for line in lines if line.startswith(f"| {label} |")]
+    assert [row[1] for row in published_rows] == ["iqm", "median", "mean", "optimality_gap"]
+    for row in published_rows:
+        assert float(row[2]) == pytest.approx(expected[row[1]], abs=5e-4)
+        assert row[3:] == ["-", "1 x 2 |"]
+
+
+def test_published_aggregate_needs_every_game():
+    """A game without a published score: no aggregate (it would compare different sets of games)."""
+    assert metrics.published_aggregate({"pong": 0.0}, ["breakout", "pong"]) is None

@@ -242,6 +242,7 @@ def test_no_scores_skip_every_plot_with_a_reason(tmp_path):
         "method_comparison",
         "diagnostics",
         "dopamine_curves",
+        "evaluation_curves",
     }
     assert not any(name.endswith(".png") for name in os.listdir(out))
 
@@ -255,9 +256,52 @@ def test_one_scale_and_no_events_skip_only_their_plots(tmp_path):
     out = tmp_path / "out"
     code, stderr, skipped = run_aggregate(folders, out)
     assert code == 0, stderr
-    assert skipped == {"iqm_vs_scale", "diagnostics", "iqm_vs_psi_parameters"}  # no params_psi in these summaries
+    # no params_psi in these summaries, and the flagship does not evaluate after its iterations
+    assert skipped == {"iqm_vs_scale", "diagnostics", "iqm_vs_psi_parameters", "evaluation_curves"}
     for name in set(PNGS) - {"iqm_vs_scale.png", "diagnostics.png", "iqm_vs_psi_parameters.png"}:
         assert_png(out / name)
     code, stderr, skipped = run_aggregate(folders, tmp_path / "tables", "--no-plots")
     assert code == 0 and not skipped, stderr
     assert sorted(os.listdir(tmp_path / "tables")) == ["aggregate.csv", "aggregate.md", "per_game.csv"]
+
+
+def write_der_run(folder, game, seed, eval_returns, **args):
+    """A finished DER run evaluated after each of its 10k-step iterations, with these mean evaluation returns."""
+    evaluations = [dict(step=10_000 * (k + 1), mean_return=r, episodes=100) for k, r in enumerate(eval_returns)]
+    env_id = f"{game}-v5"
+    summary = dict(
+        script="der_atari100k_gap.py",
+        env_id=env_id,
+        seed=seed,
+        env_steps=10_000 * len(eval_returns),
+        frames=4 * 10_000 * len(eval_returns),
+        returns_by_iteration=[dict(step=p["step"], mean_return=0.0, episodes=1) for p in evaluations],
+        final_return=0.0,
+        eval_by_iteration=evaluations,
+        eval_return=eval_returns[-1],
+        args=dict(seed=seed, env_id=env_id, output_dir="runs", frame_skip=4, **args),
+    )
+    os.makedirs(folder)
+    with open(os.path.join(folder, "summary.json"), "w") as f:
+        json.dump(summary, f)
+    return str(folder)
+
+
+def test_evaluation_curves_per_game_and_method(tmp_path):
+    """Per game and method: frames of each evaluation (steps x frame skip), the mean, min and max over the runs of the
+    evaluation returns; a run with fewer evaluations cuts its method's curve to the ones every run reached."""
+    folders = [
+        write_der_run(tmp_path / "flatten1", "Pong", 1, [-21.0, -15.0, -9.0], pooling="flatten", scale=4),
+        write_der_run(tmp_path / "flatten2", "Pong", 2, [-19.0, -11.0], pooling="flatten", scale=4),
+        write_der_run(tmp_path / "gap1", "Pong", 1, [-20.0, -10.0, 0.0], pooling="gap", scale=4),
+    ]
+    runs = metrics.load_runs(folders, ["pooling"])
+    curves = plots.evaluation_curves(runs)
+    flatten = curves["pong"]["der_atari100k_gap pooling=flatten"]
+    assert flatten["frames"] == pytest.approx([0.04, 0.08])
+    assert flatten["mean"] == pytest.approx([-20.0, -13.0])
+    assert flatten["low"] == pytest.approx([-21.0, -15.0]) and flatten["high"] == pytest.approx([-19.0, -11.0])
+    assert flatten["runs"] == 2
+    gap = curves["pong"]["der_atari100k_gap pooling=gap"]
+    assert gap["mean"] == pytest.approx([-20.0, -10.0, 0.0]) and gap["runs"] == 1
+    assert_png(plots.draw_evaluation_curves(runs, str(tmp_path), published={"pong": -3.0}))

@@ -29,3 +29,14 @@ def test_results_merge_into_the_json_file(tmp_path):
     assert saved["Breakout"] == {"mean_return": 1.5}  # earlier games stay
     assert saved["Pong"]["episodes"] == 2 and saved["Pong"]["table_random"] == -20.7
     assert -21.0 <= saved["Pong"]["mean_return"] <= 21.0 and saved == results
+
+
+def test_the_table_protocol_options_reach_the_env(tmp_path):
+    """--frame-skip and --max-episode-frames reach the script's env: 600 frames are 10 s of Pong, too short to lose
+    more than a few points (a full random game loses about 21), and the JSON records the protocol played."""
+    out = tmp_path / "random_play.json"
+    results = random_play.main(
+        random_play.Args(games=["Pong"], episodes=2, frame_skip=6, max_episode_frames=600, out=str(out))
+    )
+    assert results["Pong"]["frame_skip"] == 6 and results["Pong"]["max_episode_frames"] == 600
+    assert results["Pong"]["mean_return"] > -10.0

@@ -285,6 +285,23 @@ def draw_diagnostics(runs: List[Run], out: str) -> Optional[str]:
     return save(fig, out, "diagnostics.png")
 
 
+def game_grid(games: List[str]):
+    """A figure with one panel per game, at most four a row."""
+    cols = min(4, len(games))
+    rows = math.ceil(len(games) / cols)
+    return plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+
+
+def finish_game_grid(fig, axes, games: List[str]) -> None:
+    """Hides the panels left over and draws one legend above them all, each label once."""
+    for ax in axes.ravel()[len(games) :]:
+        ax.axis("off")
+    legend = {}
+    for ax in axes.ravel():
+        legend.update({label: handle for handle, label in zip(*ax.get_legend_handles_labels()) if label not in legend})
+    fig.legend(legend.values(), legend.keys(), loc="lower center", fontsize=8, ncol=2, bbox_to_anchor=(0.5, 1.0))
+
+
 def draw_dopamine_curves(runs: List[Run], out: str) -> Optional[str]:
     reference = dopamine_reference()
     ours = [run for run in runs if run.summary["script"] == FLAGSHIP and run.game in reference]
@@ -294,10 +311,7 @@ def draw_dopamine_curves(runs: List[Run], out: str) -> Optional[str]:
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     colors = dict(zip(DOPAMINE_VARIANTS, ["black", "gray"]))  # the same colour for a curve in every game
     colors.update({method: palette[i % len(palette)] for i, method in enumerate(sorted({run.method for run in ours}))})
-    cols = min(4, len(games))
-    fig, axes = plt.subplots(
-        math.ceil(len(games) / cols), cols, figsize=(4 * cols, 3 * math.ceil(len(games) / cols)), squeeze=False
-    )
+    fig, axes = game_grid(games)
     for ax, game in zip(axes.ravel(), games):
         for variant, label in DOPAMINE_VARIANTS.items():
             curve = reference[game].get(variant)
@@ -324,12 +338,7 @@ def draw_dopamine_curves(runs: List[Run], out: str) -> Optional[str]:
             ax.plot(frames, mean, marker="." if length < 30 else None, color=colors[method], label=method)
             ax.fill_between(frames, low, high, color=colors[method], alpha=0.2)
         ax.set(title=game, xlabel="frames (millions)", ylabel="mean training return")
-    for ax in axes.ravel()[len(games) :]:
-        ax.axis("off")
-    legend = {}
-    for ax in axes.ravel():
-        legend.update({label: handle for handle, label in zip(*ax.get_legend_handles_labels()) if label not in legend})
-    fig.legend(legend.values(), legend.keys(), loc="lower center", fontsize=8, ncol=2, bbox_to_anchor=(0.5, 1.0))
+    finish_game_grid(fig, axes, games)
     return save(fig, out, "dopamine_curves.png")
 
 
@@ -361,9 +370,7 @@ def draw_evaluation_curves(runs: List[Run], out: str, published: Optional[Dict[s
     methods = sorted({method for by_method in curves.values() for method in by_method})
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     colors = {method: palette[i % len(palette)] for i, method in enumerate(methods)}
-    cols = min(4, len(games))
-    rows_of_plots = math.ceil(len(games) / cols)
-    fig, axes = plt.subplots(rows_of_plots, cols, figsize=(4 * cols, 3 * rows_of_plots), squeeze=False)
+    fig, axes = game_grid(games)
     for ax, game in zip(axes.ravel(), games):
         for method, curve in sorted(curves[game].items()):
             label = f"{method} ({curve['runs']} run{'s' if curve['runs'] > 1 else ''})"
@@ -373,12 +380,7 @@ def draw_evaluation_curves(runs: List[Run], out: str, published: Optional[Dict[s
         if published and game in published:
             ax.axhline(published[game], linestyle="--", color="black", label="published")
         ax.set(title=game, xlabel="frames (millions)", ylabel="evaluation return")
-    for ax in axes.ravel()[len(games) :]:
-        ax.axis("off")
-    legend = {}
-    for ax in axes.ravel():
-        legend.update({label: handle for handle, label in zip(*ax.get_legend_handles_labels()) if label not in legend})
-    fig.legend(legend.values(), legend.keys(), loc="lower center", fontsize=8, ncol=2, bbox_to_anchor=(0.5, 1.0))
+    finish_game_grid(fig, axes, games)
     return save(fig, out, "evaluation_curves.png")
 
 

@@ -13,11 +13,10 @@ each run at iteration K instead of its last.
 
 Writes OUT/aggregate.csv (method, metric, value, ci_low, ci_high), OUT/per_game.csv (method, game, runs, score,
 normalised), OUT/aggregate.md (both tables: the aggregate one with, given --published, the published scores' metrics
-on the same games; the per-game one with the reference scores beside ours) and, unless
---no-plots, the
-PNG plots of benchmark/plots.py (IQM against scale, IQM over training, GPU hours against IQM, the method comparison,
-the diagnostics over training, per-game curves beside Dopamine's): a plot the runs cannot make is skipped with one
-line saying why.
+on the same games; the per-game one with the reference scores beside ours) and, unless --no-plots, the PNG plots of
+benchmark/plots.py (IQM against scale, IQM over training, GPU hours against IQM, the method comparison, the
+diagnostics over training, per-game curves beside Dopamine's, evaluation curves): a plot the runs cannot make is
+skipped with one line saying why.
 """
 
 import csv
@@ -73,11 +72,10 @@ def number(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:,.1f}"
 
 
-def markdown_tables(rows: List[dict], games: List[dict], args: Args) -> List[str]:
+def markdown_tables(rows: List[dict], games: List[dict], args: Args, published_name: str, published: dict) -> List[str]:
     """The aggregate metrics with their intervals, then the per-game scores beside the reference ones: the table's
-    random and human scores and, when given, the published scores and our random play."""
-    if args.published:
-        published_name, published = published_scores(args.published)
+    random and human scores and, when given, the published scores (`published`, game -> score, from the CSV's
+    `published_name` column) and our random play."""
     lines = ["| method | metric | value | 95% CI | runs x games |", "|---|---|---|---|---|"]
     for r in rows:
         interval = f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
@@ -126,12 +124,12 @@ def main(args: Args) -> List[dict]:
         writer = csv.DictWriter(f, fieldnames=["method", "game", "runs", "score", "normalised"])
         writer.writeheader()
         writer.writerows(games)
-    lines = markdown_tables(rows, games, args)
+    published_name, published = published_scores(args.published) if args.published else ("", {})
+    lines = markdown_tables(rows, games, args, published_name, published)
     with open(os.path.join(args.out, "aggregate.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
     if args.plots:
-        published = published_scores(args.published)[1] if args.published else None
         plots.draw_all(runs, rows, args.out, args.reps, args.seed, published)
     return rows
 

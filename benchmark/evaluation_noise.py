@@ -1,13 +1,13 @@
 """A DER network evaluated as the protocol evaluates it (noisy layers at their mean weights) and with its noise on,
 with the greedy actions each one chose: tells a policy that only loops without its noise from one that cannot play.
 
-    python benchmark/evaluation_noise.py runs/der100k/RoadRunner-v5__pooling=flatten_scale=1__seed1/*/ --episodes 8
+    python benchmark/evaluation_noise.py runs/der100k_baseline/RoadRunner-v5__pooling=flatten_scale=1_no_cuda__seed1/*/
 
-Atari 100k evaluates with the noise off and epsilon 0.001 (as Dopamine does): a deterministic policy that, say,
-runs into the same enemy at the start of every life scores 0 in every game, while the same network with its noise
-plays well. Takes a run folder holding checkpoint.pt (the latest checkpoint) or model.pt (`--save-model`), plays
-`--episodes` whole games each way through the script's own evaluate() and make_env, and prints, for each, the
-returns and how often each action was the greedy one; `--out` also writes them as JSON.
+Atari 100k evaluates with the noise off and epsilon 0.001 (as Dopamine does): a nearly deterministic policy that
+repeats one losing action scores 0 in every game, while the same network with its noise may play well.
+Takes a run folder holding checkpoint.pt (the latest checkpoint) or model.pt (`--save-model`), plays `--episodes`
+whole games each way through the script's own evaluate() and make_env, and prints, for each, the returns and how
+often each action was the greedy one; `--out` also writes them as JSON.
 """
 
 import json

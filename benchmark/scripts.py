@@ -38,8 +38,7 @@ def training_parts(module, script_args, device: torch.device, num_actions: int =
     """The script's own training parts (make_training: networks, optimizer, replay, loss sums, the accelerated update,
     and rainbow_pruned's pruner), with the replay filled. `builder_args` go to make_training (rainbow_pruned's
     prune_steps)."""
-    torch.backends.cudnn.deterministic = script_args.torch_deterministic  # as the script's main() sets them
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = script_args.tf32
+    module.set_numerics(script_args)  # as the script's main() sets them
     parts = module.make_training(script_args, num_actions, device, **builder_args)
     fill_replay(parts.replay)
     return parts

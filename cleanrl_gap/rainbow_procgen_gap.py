@@ -1028,16 +1028,21 @@ def validate_args(args: Args):
         )
 
 
-def seeded_device(args: Args) -> torch.device:
-    """Seeds python, numpy and torch, sets the numerics flags and picks the device."""
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+def set_numerics(args: Args):
+    """The numerics flags of a run (main() and the benchmarks set them alike)."""
     torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32  # float32 unless asked
     # Adam's moments of weights whose gradient stays zero decay into denormal floats (below 1.2e-38), which x86 CPUs
     # process many times slower: flushed to zero, a CPU update keeps its speed (CUDA is not affected)
     torch.set_flush_denormal(True)
+
+
+def seeded_device(args: Args) -> torch.device:
+    """Seeds python, numpy and torch, sets the numerics flags and picks the device."""
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    set_numerics(args)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.cudagraphs and device.type != "cuda":
         fail("--cudagraphs needs a CUDA device (none is available, or --no-cuda was given)")

@@ -38,6 +38,8 @@ def install(root: list) -> None:
         "env",
         "DEBIAN_FRONTEND=noninteractive",
         "apt-get",
+        "-o",
+        "DPkg::Lock::Timeout=300",  # wait for another apt-get (an unattended upgrade) to finish
         "install",
         "-y",
         "-q",
@@ -46,7 +48,12 @@ def install(root: list) -> None:
     ]
     try:
         if subprocess.run(command, capture_output=True, env=env, timeout=600).returncode != 0:  # no package lists yet
-            update = subprocess.run(root + ["apt-get", "update", "-q"], capture_output=True, text=True, timeout=600)
+            update = subprocess.run(
+                root + ["apt-get", "-o", "DPkg::Lock::Timeout=300", "update", "-q"],
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
             result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
             if result.returncode != 0:
                 raise SlurmError(

@@ -15,6 +15,7 @@ import time
 
 PACKAGES = ["slurm-wlm", "munge"]
 DAEMONS = ["munged", "slurmctld", "slurmd"]
+APT_GET = ["apt-get", "-o", "DPkg::Lock::Timeout=300"]  # waits for another apt-get (an unattended upgrade) to finish
 
 
 class SlurmError(RuntimeError):
@@ -37,9 +38,7 @@ def install(root: list) -> None:
     command = root + [
         "env",
         "DEBIAN_FRONTEND=noninteractive",
-        "apt-get",
-        "-o",
-        "DPkg::Lock::Timeout=300",  # wait for another apt-get (an unattended upgrade) to finish
+        *APT_GET,
         "install",
         "-y",
         "-q",
@@ -48,12 +47,7 @@ def install(root: list) -> None:
     ]
     try:
         if subprocess.run(command, capture_output=True, env=env, timeout=600).returncode != 0:  # no package lists yet
-            update = subprocess.run(
-                root + ["apt-get", "-o", "DPkg::Lock::Timeout=300", "update", "-q"],
-                capture_output=True,
-                text=True,
-                timeout=600,
-            )
+            update = subprocess.run(root + [*APT_GET, "update", "-q"], capture_output=True, text=True, timeout=600)
             result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
             if result.returncode != 0:
                 raise SlurmError(

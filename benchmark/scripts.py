@@ -38,7 +38,7 @@ def training_parts(module, script_args, device: torch.device, num_actions: int =
     """The script's own training parts (make_training: networks, optimizer, replay, loss sums, the accelerated update,
     and rainbow_pruned's pruner), with the replay filled. `builder_args` go to make_training (rainbow_pruned's
     prune_steps)."""
-    module.set_numerics(script_args)  # as the script's main() sets them
+    module.configure_process(script_args)  # as the script's main() does
     parts = module.make_training(script_args, num_actions, device, **builder_args)
     fill_replay(parts.replay)
     return parts

@@ -1,15 +1,25 @@
-"""Every script flushes denormal floats to zero on the CPU (`seeded_device`).
+"""Every script's process settings (`configure_process`, which `seeded_device` calls): denormal floats flushed to zero,
+and freed gradient buffers kept in the heap.
 
 Adam's first moment of a weight whose gradient stops decays by beta1 = 0.9 each update, down through the denormal
 range (below float32's smallest normal, 1.18e-38), where x86 CPUs compute many times slower. With the flag set by
 `seeded_device`, it goes from a normal number straight to zero; without it, it passes through denormals, which shows
 the test reaches them.
+
+The allocator: a dense layer as wide as DER's flattened bottleneck at scale 4 (7744 x 2048) trained with the scripts'
+optimizer allocates 63 MB of gradients every update and frees them at the next zero_grad. Counted by the kernel, the
+updates fault those pages in again before `configure_process` (glibc gave them back to the system) and not after it.
+Each script runs in a fresh process, so one script's setting cannot pass another's test.
 """
+
+import resource
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from benchmark.scripts import ALL_SCRIPTS, load_script
+from benchmark.scripts import ALL_SCRIPTS, ROOT, load_script
 
 SMALLEST_NORMAL = torch.finfo(torch.float32).tiny
 
@@ -46,3 +56,49 @@ def test_adam_moments_skip_the_denormal_range_after_seeding(name):
     assert any(is_denormal(m) for m in unflushed)  # the decay does reach the denormal range
     assert not any(is_denormal(m) for m in flushed)
     assert flushed[0] == pytest.approx(1e-31) and flushed[-1] == 0.0
+
+
+FAULTS_PER_UPDATE = """
+import resource, sys
+import torch
+from benchmark.scripts import load_script
+
+module = load_script(sys.argv[1])
+args = module.Args(cuda=False)
+layer = torch.nn.Linear(7744, 2048)  # DER's flattened bottleneck at scale 4: 63 MB of weights, and of gradients
+optimizer = module.make_optimizer(layer, args)
+inputs = torch.randn(8, 7744)
+
+
+def update():
+    optimizer.zero_grad(set_to_none=True)  # frees the gradients, as the scripts' update does
+    layer(inputs).square().mean().backward()
+    optimizer.step()
+
+
+def page_faults_per_update(updates=4):
+    for _ in range(2):  # warm-up: Adam's state and the first gradients
+        update()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(updates):
+        update()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / updates
+
+
+before = page_faults_per_update()
+module.configure_process(args)
+print(before, page_faults_per_update())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the allocator setting is glibc's (Linux)")
+@pytest.mark.parametrize("name", ALL_SCRIPTS)
+def test_gradient_buffers_stay_in_the_heap_after_configuring(name):
+    result = subprocess.run(
+        [sys.executable, "-c", FAULTS_PER_UPDATE, name], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    before, after = (float(count) for count in result.stdout.split())
+    gradient_pages = 7744 * 2048 * 4 // resource.getpagesize()
+    assert before > 0.5 * gradient_pages  # without the setting, the gradient's pages are faulted in every update
+    assert after < 100

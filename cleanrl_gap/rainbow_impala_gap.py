@@ -975,7 +975,7 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (glibc's mal
 
 def configure_process(args: Args):
     """The process-wide settings of a run, which main() and the benchmarks make alike: numerics flags and the host
-    memory allocator. None of them changes the numbers a CPU run computes; the last two change its speed."""
+    memory allocator (which changes a CPU run's speed, never the numbers it computes)."""
     torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32  # float32 unless asked
     # Adam's moments of weights whose gradient stays zero decay into denormal floats (below 1.2e-38), which x86 CPUs

@@ -9,8 +9,7 @@ the test reaches them.
 The allocator: a dense layer as wide as DER's flattened bottleneck at scale 4 (7744 x 2048) trained with the scripts'
 optimizer allocates 63 MB of gradients every update and frees them at the next zero_grad. Counted by the kernel, a
 typical update (the median) faults those pages in again before `configure_process` (glibc gave them back to the
-system) and not after it.
-Each script runs in a fresh process, so one script's setting cannot pass another's test.
+system) and not after it. Each script runs in a fresh process, so one script's setting cannot pass another's test.
 """
 
 import resource

@@ -10,9 +10,11 @@ Each run gets its own folder OUT/{game}__{arg set}__seed{seed}/ (the script's ru
 A run whose folder already holds a summary.json is skipped; one with a checkpoint.pt (killed, preempted) goes on
 with --resume; so a sweep is re-launched as it was after any failure. Runs go to a pool of --workers processes, and
 GPUs are handed out round-robin through CUDA_VISIBLE_DEVICES. A run that fails is reported with its log and exit
-code, never dropped, and the sweep then exits non-zero. Named game sets: paper20 (the 20 games of the paper, after
-Obando Ceron et al. 2024), atari60 (Dopamine's 60), atari100k (the 26 of Atari 100k), procgen (the 16 games).
-Every run's last exit code is kept in its folder (exit_code.txt), for --status.
+code, never dropped, and the sweep then exits non-zero. With several workers, each run gets an equal share of this
+machine's cores (OMP_NUM_THREADS, unless it is already set): torch would give every run all of them. Named game
+sets: paper20 (the 20 games of the paper, after Obando Ceron et al. 2024), atari60 (Dopamine's 60), atari100k (the
+26 of Atari 100k), procgen (the 16 games). Every run's last exit code is kept in its folder (exit_code.txt), for
+--status.
 
 Slurm (--backend slurm): the unfinished runs become ONE array job, a task a run. sweep.py writes
 OUT/slurm/submission-K.sh (the sbatch script) and OUT/slurm/submission-K.runs.json (the grid points of its tasks, in
@@ -41,7 +43,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, List, Literal, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Literal, Optional, Tuple
 
 import tyro
 
@@ -193,13 +195,33 @@ def plan(args: Args) -> List[Run]:
     return [run for run in (plan_run(args.script, args.out, point) for point in grid(args)) if run]
 
 
-def launch(run: Run, gpu: str, started: Callable[[subprocess.Popen], None] = lambda process: None) -> int:
+def threads_per_run(workers: int) -> Dict[str, str]:
+    """OMP_NUM_THREADS for each of `workers` runs at once on this machine: its cores shared out equally.
+
+    Each run's torch would otherwise take every core, and runs on a CPU would fight over them. On a 2-core CPU, two
+    DER runs with one thread each made 12.5 to 13.8 agent steps/s together, one run with both threads 9 (docs/speed.md).
+    An OMP_NUM_THREADS already set is the user's choice and is kept; one worker keeps torch's default.
+    """
+    if workers == 1 or "OMP_NUM_THREADS" in os.environ:
+        return {}
+    cores = len(os.sched_getaffinity(0))  # the cores this process may use (a Slurm job or a container may have fewer)
+    return {"OMP_NUM_THREADS": str(max(1, cores // workers))}
+
+
+def launch(
+    run: Run,
+    gpu: str,
+    started: Callable[[subprocess.Popen], None] = lambda process: None,
+    extra_env: Optional[Dict[str, str]] = None,
+) -> int:
     """Run it to the end, its output appended to its log.txt; `started` gets the process (to forward signals to)."""
     os.makedirs(run.folder, exist_ok=True)
     exit_code_file = os.path.join(run.folder, EXIT_CODE_FILE)
     if os.path.exists(exit_code_file):  # an earlier launch's: --status must not report it while this one runs
         os.remove(exit_code_file)
-    env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu else {}))
+    env = dict(os.environ, **(extra_env or {}))
+    if gpu:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
     with open(os.path.join(run.folder, "log.txt"), "a") as log:
         process = subprocess.Popen(run.command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
         started(process)
@@ -363,8 +385,11 @@ def main(args: Args) -> int:
     if args.dry_run:
         return 0
     gpus = [args.gpus[i % len(args.gpus)] if args.gpus else "" for i in range(len(runs))]
+    threads = threads_per_run(max(1, min(args.workers, len(runs))))  # runs at once: no more than there are runs
+    if threads:
+        print(f"each run gets OMP_NUM_THREADS={threads['OMP_NUM_THREADS']} (set it to choose otherwise)", flush=True)
     with ThreadPoolExecutor(max_workers=args.workers) as pool:
-        codes = list(pool.map(launch, runs, gpus))
+        codes = list(pool.map(lambda run, gpu: launch(run, gpu, extra_env=threads), runs, gpus))
     failed = [(run, code) for run, code in zip(runs, codes) if code != 0]
     for run, code in failed:
         print(failure(run.folder, code), file=sys.stderr)

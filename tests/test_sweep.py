@@ -4,6 +4,7 @@ interrupted runs resumed."""
 import glob
 import json
 import os
+import sys
 
 from benchmark import sweep
 from tests.helpers import CATCH_RUN, run_sweep
@@ -91,3 +92,22 @@ def test_slurm_dry_run_script_checkpoints_before_the_time_limit_and_requeues(tmp
     (exec_line,) = [line for line in lines if line.startswith("exec ")]  # exec: the signal reaches python itself
     assert "benchmark/sweep.py --slurm-task" in exec_line
     assert not os.listdir(tmp_path)  # nothing written, nothing submitted
+
+
+def test_runs_at_once_share_the_cores_unless_the_user_set_the_threads(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(sweep.os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert sweep.threads_per_run(1) == {}  # one run: torch's default, every core
+    assert sweep.threads_per_run(2) == {"OMP_NUM_THREADS": "4"}
+    assert sweep.threads_per_run(3) == {"OMP_NUM_THREADS": "2"}
+    assert sweep.threads_per_run(16) == {"OMP_NUM_THREADS": "1"}
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert sweep.threads_per_run(2) == {}  # the user's choice is inherited as it is
+
+
+def test_launch_hands_the_run_its_threads_and_its_gpu(tmp_path):
+    show_env = "import os; print(os.environ['OMP_NUM_THREADS'], os.environ['CUDA_VISIBLE_DEVICES'])"
+    run = sweep.Run(folder=str(tmp_path), command=[sys.executable, "-c", show_env], resume=False, point=("", "", 1))
+    assert sweep.launch(run, "3", extra_env={"OMP_NUM_THREADS": "4"}) == 0
+    assert open(tmp_path / "log.txt").read() == "4 3\n"
+    assert open(tmp_path / sweep.EXIT_CODE_FILE).read() == "0\n"

@@ -14,7 +14,10 @@ code, never dropped, and the sweep then exits non-zero. With several workers, ea
 machine's cores (OMP_NUM_THREADS, unless it is already set): torch would give every run all of them. Named game
 sets: paper20 (the 20 games of the paper, after Obando Ceron et al. 2024), atari60 (Dopamine's 60), atari100k (the
 26 of Atari 100k), procgen (the 16 games). Every run's last exit code is kept in its folder (exit_code.txt), for
---status.
+--status. To stop a local sweep without losing work, press Ctrl-C or send it SIGTERM: each running run is told
+(SIGTERM) to checkpoint and exits with 75, runs not yet started are not started, and the sweep exits with 75;
+the same command resumes them all. (The runs have their own process group, so a terminal's Ctrl-C reaches only
+the sweep, which passes it on as SIGTERM: the scripts checkpoint on SIGTERM, not on SIGINT.)
 
 Slurm (--backend slurm): the unfinished runs become ONE array job, a task a run. sweep.py writes
 OUT/slurm/submission-K.sh (the sbatch script) and OUT/slurm/submission-K.runs.json (the grid points of its tasks, in
@@ -213,8 +216,10 @@ def launch(
     gpu: str,
     started: Callable[[subprocess.Popen], None] = lambda process: None,
     extra_env: Optional[Dict[str, str]] = None,
+    own_process_group: bool = False,
 ) -> int:
-    """Run it to the end, its output appended to its log.txt; `started` gets the process (to forward signals to)."""
+    """Run it to the end, its output appended to its log.txt; `started` gets the process (to forward signals to).
+    `own_process_group` keeps a terminal's Ctrl-C from reaching the run directly (LocalStop passes it on)."""
     os.makedirs(run.folder, exist_ok=True)
     exit_code_file = os.path.join(run.folder, EXIT_CODE_FILE)
     if os.path.exists(exit_code_file):  # an earlier launch's: --status must not report it while this one runs
@@ -223,7 +228,14 @@ def launch(
     if gpu:
         env["CUDA_VISIBLE_DEVICES"] = gpu
     with open(os.path.join(run.folder, "log.txt"), "a") as log:
-        process = subprocess.Popen(run.command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(
+            run.command,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            process_group=0 if own_process_group else None,
+        )
         started(process)
         code = process.wait()
     with open(exit_code_file, "w") as file:
@@ -231,8 +243,42 @@ def launch(
     return code
 
 
+class LocalStop:
+    """Ctrl-C (SIGINT) or SIGTERM to a local sweep: every running run is sent SIGTERM, so it checkpoints and exits
+    with PREEMPTED, and no further run is started. close() puts back the handlers it replaced."""
+
+    def __init__(self):
+        self.received = []
+        self.running = []
+        self.replaced = {}
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self.replaced[signum] = signal.signal(signum, self.stop)
+
+    def stop(self, signum, frame):
+        if not self.received:
+            print(f"{signal.Signals(signum).name}: stopping the runs (each checkpoints first)", flush=True)
+        self.received.append(signum)
+        for process in list(self.running):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+
+    def started(self, process: subprocess.Popen):
+        self.running.append(process)
+        if self.received:  # started as the stop came in: stop it too
+            process.send_signal(signal.SIGTERM)
+
+    def close(self):
+        for signum, handler in self.replaced.items():
+            signal.signal(signum, handler)
+
+
 def failure(folder: str, code: int, resumes: str = "re-run the sweep to resume it") -> str:
-    why = f"preempted; {resumes}" if code == PREEMPTED else "failed"
+    if code == PREEMPTED:
+        why = f"preempted; {resumes}"
+    elif code == -signal.SIGTERM:  # the scripts catch SIGTERM from their training loop on: it came before
+        why = f"stopped by SIGTERM before its training loop began; {resumes}"
+    else:
+        why = "failed"
     return f"{why}: exit code {code}, log {os.path.join(folder, 'log.txt')}"
 
 
@@ -388,13 +434,25 @@ def main(args: Args) -> int:
     threads = threads_per_run(max(1, min(args.workers, len(runs))))  # runs at once: no more than there are runs
     if threads:
         print(f"each run gets OMP_NUM_THREADS={threads['OMP_NUM_THREADS']} (set it to choose otherwise)", flush=True)
+    stop = LocalStop()
+
+    def run_unless_stopped(run: Run, gpu: str) -> Optional[int]:
+        if stop.received:
+            return None  # not started
+        return launch(run, gpu, started=stop.started, extra_env=threads, own_process_group=True)
+
     with ThreadPoolExecutor(max_workers=args.workers) as pool:
-        codes = list(pool.map(lambda run, gpu: launch(run, gpu, extra_env=threads), runs, gpus))
-    failed = [(run, code) for run, code in zip(runs, codes) if code != 0]
-    for run, code in failed:
+        codes = list(pool.map(run_unless_stopped, runs, gpus))
+    stop.close()
+    unfinished = [(run, code) for run, code in zip(runs, codes) if code not in (0, None)]
+    for run, code in unfinished:
         print(failure(run.folder, code), file=sys.stderr)
-    print(f"{len(runs) - len(failed)} of {len(runs)} runs finished", flush=True)
-    return 1 if failed else 0
+    print(f"{codes.count(0)} of {len(runs)} runs finished", flush=True)
+    if stop.received:
+        print(f"stopped; {codes.count(None)} runs not started; the same command resumes the sweep", flush=True)
+        failed = [code for code in codes if code not in (0, None, PREEMPTED, -signal.SIGTERM)]
+        return 1 if failed else PREEMPTED
+    return 1 if unfinished else 0
 
 
 if __name__ == "__main__":

@@ -22,6 +22,12 @@ CATCH_RUN = (
     "env_backend=gymnasium frame_size=24 total_timesteps=150 learning_starts=100 buffer_size=500 no-cuda "
     "progress_seconds=1e9 checkpoint_every=150"
 )
+# a sweep run without updates (learning never starts): a few thousand steps a second, long enough to be signalled
+# while it runs
+LONG_RUN = (
+    "env_backend=gymnasium frame_size=24 total_timesteps=30000 learning_starts=1000000 buffer_size=500 "
+    "no-cuda progress_seconds=0.2 checkpoint_every=1000000"
+)
 
 
 def run_script(name, args, tmp_path):

@@ -1,13 +1,17 @@
 """benchmark/sweep.py on this machine: the grid, failures reported with their logs, finished runs skipped,
-interrupted runs resumed."""
+interrupted runs resumed, Ctrl-C turned into checkpoints."""
 
 import glob
 import json
 import os
+import signal
+import subprocess
 import sys
+import time
 
 from benchmark import sweep
-from tests.helpers import CATCH_RUN, run_sweep
+from benchmark.scripts import ROOT
+from tests.helpers import CATCH_RUN, LONG_RUN, run_sweep
 
 
 def test_dry_run_prints_the_whole_grid(tmp_path):
@@ -111,3 +115,36 @@ def test_launch_hands_the_run_its_threads_and_its_gpu(tmp_path):
     assert sweep.launch(run, "3", extra_env={"OMP_NUM_THREADS": "4"}) == 0
     assert open(tmp_path / "log.txt").read() == "4 3\n"
     assert open(tmp_path / sweep.EXIT_CODE_FILE).read() == "0\n"
+
+
+def test_ctrl_c_stops_a_local_sweep_and_its_running_run_checkpoints(tmp_path):
+    """A terminal's Ctrl-C sends SIGINT to its foreground process group: here the sweep's own group, which the runs
+    are not in. The sweep passes it on as SIGTERM, so its running run checkpoints and exits with 75; the next run is
+    not started; the sweep exits with 75, and the same command would resume the first run and start the second."""
+    game = "toy_envs.catch:Catch-v0"
+    flags = ["--games", game, "--seeds", "1", "2", "--arg-sets", LONG_RUN, "--workers", "1", "--out", str(tmp_path)]
+    sweep_process = subprocess.Popen(
+        [sys.executable, "benchmark/sweep.py", *flags],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        process_group=0,
+    )
+    first, second = [sweep.run_folder(str(tmp_path), (game, LONG_RUN, seed)) for seed in (1, 2)]
+    log = os.path.join(first, "log.txt")
+    deadline = time.time() + 120
+    while not (os.path.exists(log) and "step " in open(log).read()) and time.time() < deadline:
+        time.sleep(0.1)  # its training loop runs: its signal handlers are in place
+    assert "step 30,000/" not in open(log).read(), "the run finished before it could be stopped"
+    os.killpg(sweep_process.pid, signal.SIGINT)
+    out, err = sweep_process.communicate(timeout=120)
+
+    assert sweep_process.returncode == sweep.PREEMPTED, out + err
+    assert "SIGTERM: checkpointed step" in open(log).read()
+    assert "0 of 2 runs finished" in out and "1 runs not started" in out, out
+    assert "preempted; re-run the sweep to resume it: exit code 75" in err, err
+    assert not os.path.exists(second)
+    resumed, new = sweep.plan(sweep.Args(games=[game], seeds=[1, 2], arg_sets=[LONG_RUN], out=str(tmp_path)))
+    assert resumed.folder == first and resumed.resume
+    assert new.folder == second and not new.resume

@@ -12,16 +12,11 @@ import time
 import pytest
 
 from benchmark import sweep
-from tests.helpers import CATCH_RUN, run_sweep
+from tests.helpers import CATCH_RUN, LONG_RUN, run_sweep
 from tests.slurm_cluster import SlurmCluster, SlurmError, as_root, install
 
 CATCH_GAME = ["--games", "toy_envs.catch:Catch-v0"]
 SLURM_FLAGS = ["--backend", "slurm", "--partition", "debug", "--cpus-per-task", "1", "--mem", "200M", "--time-limit", "10:00"]
-# no updates (learning never starts): a few thousand steps a second, long enough to be signalled while it runs
-LONG_RUN = (
-    "env_backend=gymnasium frame_size=24 total_timesteps=30000 learning_starts=1000000 buffer_size=500 "
-    "no-cuda progress_seconds=0.2 checkpoint_every=1000000"
-)
 
 
 # Opt-in: these tests install Slurm and munge with apt-get where missing and start daemons, which a plain

@@ -219,7 +219,7 @@ def launch(
     own_process_group: bool = False,
 ) -> int:
     """Run it to the end, its output appended to its log.txt; `started` gets the process (to forward signals to).
-    `own_process_group` keeps a terminal's Ctrl-C from reaching the run directly (LocalStop passes it on)."""
+    `own_process_group` keeps a terminal's Ctrl-C from reaching the run directly (ForwardSignals passes it on)."""
     os.makedirs(run.folder, exist_ok=True)
     exit_code_file = os.path.join(run.folder, EXIT_CODE_FILE)
     if os.path.exists(exit_code_file):  # an earlier launch's: --status must not report it while this one runs
@@ -243,29 +243,32 @@ def launch(
     return code
 
 
-class LocalStop:
-    """Ctrl-C (SIGINT) or SIGTERM to a local sweep: every running run is sent SIGTERM, so it checkpoints and exits
-    with PREEMPTED, and no further run is started. close() puts back the handlers it replaced."""
+class ForwardSignals:
+    """Passes the signals the sweep receives on to its runs: `passes` maps each signal caught to the one the runs
+    get. Locally Ctrl-C (SIGINT) and SIGTERM become SIGTERM, so each run checkpoints and exits with PREEMPTED, and
+    main() starts no further run; a Slurm task passes SIGUSR1 and SIGTERM on as they are. close() puts back the
+    handlers it replaced."""
 
-    def __init__(self):
+    def __init__(self, passes: Dict[int, int]):
+        self.passes = passes
         self.received = []
         self.running = []
         self.replaced = {}
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self.replaced[signum] = signal.signal(signum, self.stop)
+        for signum in passes:
+            self.replaced[signum] = signal.signal(signum, self.forward)
 
-    def stop(self, signum, frame):
+    def forward(self, signum, frame):
         if not self.received:
             print(f"{signal.Signals(signum).name}: stopping the runs (each checkpoints first)", flush=True)
         self.received.append(signum)
         for process in list(self.running):
             if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
+                process.send_signal(self.passes[signum])
 
     def started(self, process: subprocess.Popen):
         self.running.append(process)
-        if self.received:  # started as the stop came in: stop it too
-            process.send_signal(signal.SIGTERM)
+        if self.received:  # started as a signal came in: pass it on too
+            process.send_signal(self.passes[self.received[-1]])
 
     def close(self):
         for signum, handler in self.replaced.items():
@@ -383,16 +386,9 @@ def slurm_task(runs_file: str) -> int:
         f"{'resuming' if run.resume else 'starting'} {shlex.join(run.command)}",
         flush=True,
     )
-    children, received = [], []
-
-    def forward(signum, frame):  # Slurm signals this python (the batch shell); the run is what must checkpoint
-        received.append(signum)
-        for child in children:
-            child.send_signal(signum)
-
-    for signum in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(signum, forward)
-    code = launch(run, "", started=children.append)  # Slurm set CUDA_VISIBLE_DEVICES
+    # Slurm signals this python (the batch shell); the run is what must checkpoint
+    signals = ForwardSignals({signal.SIGUSR1: signal.SIGUSR1, signal.SIGTERM: signal.SIGTERM})
+    code = launch(run, "", started=signals.started)  # Slurm set CUDA_VISIBLE_DEVICES
     print(
         f"task {task}: "
         + (
@@ -402,7 +398,7 @@ def slurm_task(runs_file: str) -> int:
     )
     # Only our time-limit warning (USR1) requeues: after a SIGTERM Slurm requeues a preempted task itself, and a
     # scancel'ed one must stay cancelled
-    if code == PREEMPTED and signal.SIGUSR1 in received:
+    if code == PREEMPTED and signal.SIGUSR1 in signals.received:
         requeue = subprocess.run(["scontrol", "requeue", task], capture_output=True, text=True)
         print(
             f"task {task}: requeued"
@@ -434,7 +430,7 @@ def main(args: Args) -> int:
     threads = threads_per_run(max(1, min(args.workers, len(runs))))  # runs at once: no more than there are runs
     if threads:
         print(f"each run gets OMP_NUM_THREADS={threads['OMP_NUM_THREADS']} (set it to choose otherwise)", flush=True)
-    stop = LocalStop()
+    stop = ForwardSignals({signal.SIGINT: signal.SIGTERM, signal.SIGTERM: signal.SIGTERM})
 
     def run_unless_stopped(run: Run, gpu: str) -> Optional[int]:
         if stop.received:

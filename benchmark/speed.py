@@ -13,6 +13,9 @@ QNetwork, DeviceReplay, select_actions, make_update, accelerated, main), so it t
   sample_ms          one prioritized replay sample (median)
   update_ms          one gradient update: sample, loss, backward, optimizer step, new priorities (median)
   floor_sps          num_envs / (env step + act + update * updates per step): the loop with no overhead at all
+  eval_act_ms        one evaluation step's greedy actions (noise off) for all --eval-episodes games at once (median)
+  eval_env_ms        one evaluation step of the --eval-episodes envs (median); with eval_act_ms, what each step of an
+                     evaluation costs while all its games go on ("-" for scripts that do not evaluate by default)
   loop_sps           the whole loop's agent steps per second once learning runs (main() for --loop-steps steps)
   efficiency         loop_sps / floor_sps (above 1 where the device trains while the host steps the envs)
   update_vs_flatten  update_ms over the first script's flatten at the same mode and scale (the paper: GAP is cheapest);
@@ -52,6 +55,8 @@ COLUMNS = [
     "sample_ms",
     "update_ms",
     "floor_sps",
+    "eval_act_ms",
+    "eval_env_ms",
     "loop_sps",
     "efficiency",
     "update_vs_flatten",
@@ -137,16 +142,39 @@ def env_steps_per_second(module, script_args, steps: int) -> float:
     return steps * script_args.num_envs / elapsed
 
 
+def evaluation_env_ms(module, script_args, repeats: int):
+    """Median time of one step of the evaluation's envs, all `eval_episodes` of them (random actions); None for a
+    script that does not evaluate by default."""
+    games = script_args.eval_episodes
+    if games == 0:
+        return None
+    envs = module.make_env(script_args, num_envs=games, seed=script_args.seed)
+    envs.reset()
+    rng = np.random.default_rng(0)
+    timed = median_ms(lambda: envs.step(rng.integers(0, envs.num_actions, games)), repeats, torch.device("cpu"))
+    envs.close()
+    return timed
+
+
 def measure_parts(module, script_args, num_actions: int, device: torch.device, repeats: int) -> dict:
     parts = training_parts(module, script_args, device, num_actions)
     act = module.accelerated(lambda obs, epsilon: module.select_actions(parts.net, obs, epsilon, with_noise=True), script_args)
     obs = parts.replay.sample(script_args.num_envs)["obs"]
     epsilon = torch.full((), 0.01, device=device)
+    eval_act_ms = None
+    if script_args.eval_episodes > 0:  # as evaluate() acts: every game's stack in one forward, mean weights
+        eval_obs = parts.replay.sample(script_args.eval_episodes)["obs"]
+        eval_act_ms = median_ms(
+            lambda: module.select_actions(parts.net, eval_obs, script_args.eval_epsilon, with_noise=False).cpu(),
+            repeats,
+            device,
+        )
     return dict(
         params_bottleneck=parts.net.bottleneck.weight.numel(),
         act_ms=median_ms(lambda: act(obs, epsilon).cpu(), repeats, device),
         sample_ms=median_ms(lambda: parts.replay.sample(script_args.batch_size), repeats, device),
         update_ms=median_ms(parts.update, repeats, device),
+        eval_act_ms=eval_act_ms,
     )
 
 
@@ -161,6 +189,7 @@ def loop_steps_per_second(module, script_args, loop_steps: int, learning_starts:
                 progress_seconds=1e9,
                 diagnostics_every=10**12,
                 iteration_steps=10**12,
+                eval_episodes=0,  # the loop alone: no evaluation at the end (eval_act_ms and eval_env_ms time it)
             )
         )
     return summary["sps"]
@@ -176,6 +205,7 @@ def measure(args: Args, on_row=lambda row: None) -> list:
         settings = script_settings(base, args.settings)
         base = replace(base, **settings)
         env_sps = env_steps_per_second(module, base, args.env_steps)
+        eval_env_ms = evaluation_env_ms(module, base, args.repeats)
         num_actions = module.make_env(base, num_envs=1).num_actions
         for mode in args.modes:
             if ("cudagraphs" in mode or "tf32" in mode) and device.type != "cuda":
@@ -213,6 +243,7 @@ def measure(args: Args, on_row=lambda row: None) -> list:
                             **parts,
                             env_sps=env_sps,
                             floor_sps=args.num_envs / step_seconds,
+                            eval_env_ms=eval_env_ms,
                             loop_sps=loop_sps,
                             efficiency=loop_sps * step_seconds / args.num_envs,
                             update_vs_flatten=parts["update_ms"] / reference_ms if reference_ms else None,

@@ -1,7 +1,7 @@
 """Run a grid of experiments on this machine or on a Slurm cluster: script x games x seeds x argument sets.
 
     python benchmark/sweep.py --script rainbow_impala_gap --games paper20 --seeds 1 2 3 4 5 \\
-        --arg-sets "pooling=flatten scale=4" "pooling=gap scale=4" --workers 4 --gpus 0 1 --out runs/sweep
+        --arg-sets "pooling=flatten scale=4" "pooling=gap scale=4" --gpus 0 1 --out runs/sweep
     python benchmark/sweep.py ... --dry-run        # print the commands only
     python benchmark/sweep.py ... --backend slurm --partition gpu --gpus-per-task 1 --time-limit 2-00:00:00
     python benchmark/sweep.py ... --status         # every run: finished, failed (exit code, log), interrupted
@@ -9,7 +9,8 @@
 Each run gets its own folder OUT/{game}__{arg set}__seed{seed}/ (the script's run folder inside it, and log.txt).
 A run whose folder already holds a summary.json is skipped; one with a checkpoint.pt (killed, preempted) goes on
 with --resume; so a sweep is re-launched as it was after any failure. Runs go to a pool of --workers processes, and
-GPUs are handed out round-robin through CUDA_VISIBLE_DEVICES. A run that fails is reported with its log and exit
+GPUs are handed out through CUDA_VISIBLE_DEVICES, to at most --runs-per-gpu runs each at once (several runs on one
+GPU get more done per GPU hour, most under CUDA MPS: docs/sweeps.md). A run that fails is reported with its log and exit
 code, never dropped, and the sweep then exits non-zero. With several workers, each run gets an equal share of this
 machine's cores (OMP_NUM_THREADS, unless it is already set): torch would give every run all of them. Named game
 sets: paper20 (the 20 games of the paper, after Obando Ceron et al. 2024), atari60 (Dopamine's 60), atari100k (the
@@ -35,9 +36,11 @@ Re-submitting the same command submits only the runs not finished (don't while a
 a run would get two tasks at once). Failed tasks keep the array's other tasks going; --status lists them.
 """
 
+import contextlib
 import glob
 import json
 import os
+import queue
 import re
 import shlex
 import shutil
@@ -90,10 +93,16 @@ class Args:
     arg_sets: List[str] = field(default_factory=lambda: [""])
     """argument sets, one configuration each: "name=value" pairs and bare flags, e.g. "pooling=gap scale=4 dueling"
     (the script gets --pooling gap --scale 4 --dueling)"""
-    workers: int = 1
-    """runs at once"""
+    workers: Optional[int] = None
+    """runs at once (none: --runs-per-gpu for each of --gpus, or 1 without --gpus)"""
     gpus: List[str] = field(default_factory=list)
-    """GPU ids handed out round-robin through CUDA_VISIBLE_DEVICES (none: the default device)"""
+    """GPU ids handed out through CUDA_VISIBLE_DEVICES, each to at most --runs-per-gpu runs at once (none: the default
+    device)"""
+    runs_per_gpu: Optional[int] = None
+    """local, with --gpus: runs sharing each GPU at once (none: 8 while a CUDA MPS control daemon runs, else 4). On an
+    H200, 8 runs of one env each made 4.0 to 4.3 times the agent steps of one run alone under MPS, and 1.2 to 1.6
+    times without it, where 4 runs made as much as 8 (docs/speed.md#runs-per-gpu). Lower it where that many replays
+    do not fit on a GPU (1M transitions take 7.1 GB)"""
     out: str = "runs/sweep"
     """the sweep's folder"""
     dry_run: bool = False
@@ -209,6 +218,42 @@ def threads_per_run(workers: int) -> Dict[str, str]:
         return {}
     cores = len(os.sched_getaffinity(0))  # the cores this process may use (a Slurm job or a container may have fewer)
     return {"OMP_NUM_THREADS": str(max(1, cores // workers))}
+
+
+def mps_running() -> bool:
+    """Whether a CUDA MPS control daemon is serving this machine (its control pipe exists)."""
+    pipe_directory = os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps")
+    return os.path.exists(os.path.join(pipe_directory, "control"))
+
+
+def runs_at_once(args: Args) -> Tuple[int, int]:
+    """(runs sharing each GPU, runs at once in all) for a local sweep."""
+    runs_per_gpu = args.runs_per_gpu or (8 if mps_running() else 4)
+    workers = args.workers or (len(args.gpus) * runs_per_gpu if args.gpus else 1)
+    return runs_per_gpu, workers
+
+
+class GpuSlots:
+    """Hands out GPU ids so that at most `per_gpu` runs use each GPU at once (no GPUs: "", the default device, to any
+    number of runs)."""
+
+    def __init__(self, gpus: List[str], per_gpu: int):
+        self.gpus = gpus
+        self.free = queue.Queue()
+        for _ in range(per_gpu):
+            for gpu in gpus:
+                self.free.put(gpu)
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[str]:
+        if not self.gpus:
+            yield ""
+            return
+        gpu = self.free.get()
+        try:
+            yield gpu
+        finally:
+            self.free.put(gpu)
 
 
 def launch(
@@ -412,8 +457,8 @@ def slurm_task(runs_file: str) -> int:
 def main(args: Args) -> int:
     if args.slurm_task:
         return slurm_task(args.slurm_task)
-    if args.workers < 1:
-        print("error: --workers must be at least 1", file=sys.stderr)
+    if (args.workers is not None and args.workers < 1) or (args.runs_per_gpu is not None and args.runs_per_gpu < 1):
+        print("error: --workers and --runs-per-gpu must be at least 1", file=sys.stderr)
         return 2
     if args.status:
         return status(args)
@@ -426,19 +471,24 @@ def main(args: Args) -> int:
         return submit(args, runs)
     if args.dry_run:
         return 0
-    gpus = [args.gpus[i % len(args.gpus)] if args.gpus else "" for i in range(len(runs))]
-    threads = threads_per_run(max(1, min(args.workers, len(runs))))  # runs at once: no more than there are runs
+    runs_per_gpu, workers = runs_at_once(args)
+    if args.gpus:
+        mps = "under CUDA MPS" if mps_running() else "no CUDA MPS daemon running (docs/sweeps.md: packing pays most with it)"
+        print(f"up to {runs_per_gpu} runs at once on each of GPUs {' '.join(args.gpus)}; {mps}", flush=True)
+    gpu_slots = GpuSlots(args.gpus, runs_per_gpu)
+    threads = threads_per_run(max(1, min(workers, len(runs))))  # runs at once: no more than there are runs
     if threads:
         print(f"each run gets OMP_NUM_THREADS={threads['OMP_NUM_THREADS']} (set it to choose otherwise)", flush=True)
     stop = ForwardSignals({signal.SIGINT: signal.SIGTERM, signal.SIGTERM: signal.SIGTERM})
 
-    def run_unless_stopped(run: Run, gpu: str) -> Optional[int]:
-        if stop.received:
-            return None  # not started
-        return launch(run, gpu, started=stop.started, extra_env=threads, own_process_group=True)
+    def run_unless_stopped(run: Run) -> Optional[int]:
+        with gpu_slots.slot() as gpu:
+            if stop.received:
+                return None  # not started
+            return launch(run, gpu, started=stop.started, extra_env=threads, own_process_group=True)
 
-    with ThreadPoolExecutor(max_workers=args.workers) as pool:
-        codes = list(pool.map(run_unless_stopped, runs, gpus))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        codes = list(pool.map(run_unless_stopped, runs))
     stop.close()
     unfinished = [(run, code) for run, code in zip(runs, codes) if code not in (0, None)]
     for run, code in unfinished:

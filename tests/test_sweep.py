@@ -1,13 +1,17 @@
 """benchmark/sweep.py on this machine: the grid, failures reported with their logs, finished runs skipped,
 interrupted runs resumed, Ctrl-C turned into checkpoints."""
 
+import contextlib
 import glob
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+
+import tyro
 
 from benchmark import sweep
 from benchmark.scripts import ROOT
@@ -107,6 +111,59 @@ def test_runs_at_once_share_the_cores_unless_the_user_set_the_threads(monkeypatc
     assert sweep.threads_per_run(16) == {"OMP_NUM_THREADS": "1"}
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert sweep.threads_per_run(2) == {}  # the user's choice is inherited as it is
+
+
+def test_each_gpu_goes_to_at_most_runs_per_gpu_runs_at_once():
+    slots = sweep.GpuSlots(["0", "1"], per_gpu=2)
+    held = contextlib.ExitStack()
+    taken = [held.enter_context(slots.slot()) for _ in range(4)]
+    assert sorted(taken) == ["0", "0", "1", "1"]
+    assert slots.free.empty()  # a fifth run waits for one of these to end
+    held.close()
+    assert sorted(slots.free.queue) == ["0", "0", "1", "1"]
+    with sweep.GpuSlots([], per_gpu=2).slot() as gpu:
+        assert gpu == ""  # no --gpus: the default device, for any number of runs
+
+
+def test_runs_at_once_default_to_the_packing_that_paid_on_a_gpu(monkeypatch):
+    def args(*flags):
+        return tyro.cli(sweep.Args, args=list(flags))
+
+    monkeypatch.setattr(sweep, "mps_running", lambda: False)
+    assert sweep.runs_at_once(args()) == (4, 1)  # no --gpus: one run at a time unless --workers says otherwise
+    assert sweep.runs_at_once(args("--gpus", "0", "1")) == (4, 8)
+    assert sweep.runs_at_once(args("--gpus", "0", "--runs-per-gpu", "2")) == (2, 2)
+    assert sweep.runs_at_once(args("--gpus", "0", "1", "--workers", "3")) == (4, 3)
+    monkeypatch.setattr(sweep, "mps_running", lambda: True)
+    assert sweep.runs_at_once(args("--gpus", "0")) == (8, 8)
+
+
+def test_mps_is_seen_through_its_control_pipe(monkeypatch, tmp_path):
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path))
+    assert not sweep.mps_running()
+    (tmp_path / "control").touch()
+    assert sweep.mps_running()
+
+
+def test_a_local_sweep_never_puts_more_runs_on_a_gpu_than_asked(monkeypatch, tmp_path):
+    """Eight runs, four workers, two GPUs, one run per GPU: each run records the GPU it got while it runs."""
+    running = {"0": 0, "1": 0}
+    most = {"0": 0, "1": 0}
+    lock = threading.Lock()
+
+    def fake_launch(run, gpu, started, extra_env, own_process_group):
+        with lock:
+            running[gpu] += 1
+            most[gpu] = max(most[gpu], running[gpu])
+        time.sleep(0.05)
+        with lock:
+            running[gpu] -= 1
+        return 0
+
+    monkeypatch.setattr(sweep, "launch", fake_launch)
+    flags = ["--games", "Pong", "Breakout", "--seeds", "1", "2", "3", "4", "--gpus", "0", "1", "--runs-per-gpu", "1"]
+    assert sweep.main(tyro.cli(sweep.Args, args=[*flags, "--workers", "4", "--out", str(tmp_path)])) == 0
+    assert most == {"0": 1, "1": 1}
 
 
 def test_launch_hands_the_run_its_threads_and_its_gpu(tmp_path):

@@ -9,9 +9,9 @@
 Each run gets its own folder OUT/{game}__{arg set}__seed{seed}/ (the script's run folder inside it, and log.txt).
 A run whose folder already holds a summary.json is skipped; one with a checkpoint.pt (killed, preempted) goes on
 with --resume; so a sweep is re-launched as it was after any failure. Runs go to a pool of --workers processes, and
-GPUs are handed out through CUDA_VISIBLE_DEVICES, to at most --runs-per-gpu runs each at once (several runs on one
-GPU get more done per GPU hour, most under CUDA MPS: docs/sweeps.md). A run that fails is reported with its log and exit
-code, never dropped, and the sweep then exits non-zero. With several workers, each run gets an equal share of this
+GPUs are handed out through CUDA_VISIBLE_DEVICES, each to at most --runs-per-gpu runs at once (several runs on one
+GPU get more done per GPU hour, most under CUDA MPS: docs/sweeps.md). A run that fails is reported with its log and
+exit code, never dropped, and the sweep then exits non-zero. With several workers, each run gets an equal share of this
 machine's cores (OMP_NUM_THREADS, unless it is already set): torch would give every run all of them. Named game
 sets: paper20 (the 20 games of the paper, after Obando Ceron et al. 2024), atari60 (Dopamine's 60), atari100k (the
 26 of Atari 100k), procgen (the 16 games). Every run's last exit code is kept in its folder (exit_code.txt), for
@@ -100,9 +100,9 @@ class Args:
     device)"""
     runs_per_gpu: Optional[int] = None
     """local, with --gpus: runs sharing each GPU at once (none: 8 while a CUDA MPS control daemon runs, else 4). On an
-    H200, 8 runs of one env each made 4.0 to 4.3 times the agent steps of one run alone under MPS, and 1.2 to 1.6
-    times without it, where 4 runs made as much as 8 (docs/speed.md#runs-per-gpu). Lower it where that many replays
-    do not fit on a GPU (1M transitions take 7.1 GB)"""
+    H200, 8 runs of one env each made 4.0 to 4.3 times the agent steps of one run alone under MPS, and 1.1 to 1.6
+    times without it, where 4 runs made as much as 8 (docs/speed.md#runs-per-gpu-nvidia-h200). Lower it where that
+    many replays do not fit on a GPU (1M transitions take 7.07 GB)"""
     out: str = "runs/sweep"
     """the sweep's folder"""
     dry_run: bool = False

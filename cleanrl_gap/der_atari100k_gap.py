@@ -440,12 +440,11 @@ def dormant_fractions(net: QNetwork, obs: torch.Tensor, tau: float) -> dict:
     its mean |activation| over the batch, divided by its layer's average, is at most tau. Noisy layers use their
     mean weights."""
     activations = {"phi": [], "psi": []}
-    hooks = [
-        module.register_forward_hook(lambda m, i, o, part=part: activations[part].append(o))
-        for part in ("phi", "psi")
-        for module in getattr(net, part).modules()
-        if isinstance(module, nn.ReLU)
-    ]
+    hooks = []
+    for part in ("phi", "psi"):
+        for module in getattr(net, part).modules():
+            if isinstance(module, nn.ReLU):  # each hook keeps its layer's output when net(obs) runs
+                hooks.append(module.register_forward_hook(lambda m, i, o, part=part: activations[part].append(o)))
     net(obs)
     for hook in hooks:
         hook.remove()

@@ -195,13 +195,12 @@ def profile_parts(module, parts, updates: int, device: torch.device) -> dict:
         if event.name in PARTS + ["c51_losses", "update"]:
             kernels, device_ms = launched_within(event.time_range.start, event.time_range.end, launchers)
             named.setdefault(event.name, []).append((event.cpu_time_total / 1000, device_ms, kernels))
+    top_level = ["sample", "c51_losses", "backward", "optimizer", "priorities"]  # the ranges directly inside "update"
     per_update = []
     for i in range(updates):
         measured = {name: np.array(values[i]) for name, values in named.items()}
-        zero = np.zeros(3)
-        forwards = measured["online_forward"] + measured["target_forward"] + measured.get("selector_forward", zero)
+        forwards = measured["online_forward"] + measured["target_forward"] + measured.get("selector_forward", 0.0)
         measured["loss_rest"] = measured["c51_losses"] - forwards
-        top_level = ["sample", "c51_losses", "backward", "optimizer", "priorities"]
         measured["other"] = measured["update"] - sum(measured[name] for name in top_level)
         per_update.append(measured)
     result = {}

@@ -40,15 +40,17 @@ RoadRunner, Seaquest, UpNDown.
 The replay, the loop, checkpoints (`--checkpoint-every`, atomic; `--resume RUN_DIR`), exit codes (BAD_INPUT 2,
 DIVERGED 3, PREEMPTED 75 after SIGTERM or SIGUSR1), `--compile` and `--cudagraphs` are the flagship's.
 
-Deviations from Dopamine, all small: envpool takes one no-op frame of its own at every reset before the drawn no-op
+Deviations from Dopamine, all small: each noisy layer draws its own noise (Dopamine hands one key to every layer, so
+its same-shaped layers share draws); envpool takes one no-op frame of its own at every reset before the drawn no-op
 steps (its noop_max=0 crashes); the episode cap counts frames from the reset, no-ops included (Dopamine's runner
 counts 27k agent steps after them; since late 2024 its ALE also ends games at 100k frames from the reset); a lost life
 ends the frame skip early in Dopamine, not here (the rest of the 4 frames are played); the replay holds 100k
 transitions by default (Dopamine's 1M is "a proxy for unbounded": both keep the whole run); the gymnasium backend
 resizes with torch's area interpolation, not OpenCV's; stratified sampling searches block sums instead of a sum tree
-(same distribution); episode starts are zero-padded by masking, not by stored zero frames; a step's updates are
-queued before its env step (so the device trains while the host steps the envs) and so before its transition joins
-the replay, and acting uses weights one update older than Dopamine's.
+(same distribution); episode starts are zero-padded by masking, not by stored zero frames; a step's updates are queued
+before its env step (so the device trains while the host steps the envs); they sample the transitions up to the
+previous step, as Dopamine's do, but Dopamine updates before it acts, so acting here uses weights one update older
+than Dopamine's.
 """
 
 import ctypes
@@ -882,8 +884,9 @@ def main(args: Args) -> dict:
         previous_step = loop.global_step
         loop.global_step += args.num_envs
         step = loop.global_step
-        # Updates are queued before the env step, so the device trains while the host steps the envs (this step's
-        # transition joins the replay after them; Dopamine stores it first).
+        # Updates are queued before the env step, so the device trains while the host steps the envs. They sample
+        # the transitions up to the previous step, as Dopamine's do; Dopamine updates before it acts, so its
+        # actions come from weights one update newer.
         due = int(step // args.train_frequency) - int(previous_step // args.train_frequency)
         new_updates = due if step > loop.learning_from and replay.adds > args.n_step else 0  # something to sample
         if new_updates:

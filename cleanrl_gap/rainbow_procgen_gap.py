@@ -48,11 +48,13 @@ SIGUSR1 checkpoint and exit with PREEMPTED (75), a NaN loss stops with DIVERGED 
 
 Deviations from Dopamine (which ships no Procgen runner; the paper's setup is not published in detail): Procgen's
 episode ends (deaths, level completions and its step limits alike) are all terminals, since gym3 does not tell
-timeouts apart; the frame stack of 4 is Dopamine's ALE default (Procgen's own baselines stack none); the evaluation
-counts one episode per env instead of Dopamine's fixed number of evaluation steps; stratified sampling searches
-block sums instead of a sum tree (same distribution); episode starts are zero-padded by masking, not by stored zero
-frames; a step's updates are queued before its env step (so the device trains while the host steps the envs) and so
-before its transition joins the replay, and acting uses weights one update older than Dopamine's.
+timeouts apart; the frame stack of 4 is Dopamine's ALE default (Procgen's own baselines stack none); each noisy layer
+draws its own noise (Dopamine hands one key to every layer, so its same-shaped layers share draws); the evaluation
+counts one episode per env instead of Dopamine's fixed number of evaluation steps; stratified sampling searches block
+sums instead of a sum tree (same distribution); episode starts are zero-padded by masking, not by stored zero frames;
+a step's updates are queued before its env step (so the device trains while the host steps the envs); they sample the
+transitions up to the previous step, as Dopamine's do, but Dopamine updates before it acts, so acting here uses
+weights one update older than Dopamine's.
 """
 
 import contextlib
@@ -882,8 +884,9 @@ def main(args: Args) -> dict:
         previous_step = loop.global_step
         loop.global_step += args.num_envs
         step = loop.global_step
-        # Updates are queued before the env step, so the device trains while the host steps the envs (this step's
-        # transition joins the replay after them; Dopamine stores it first).
+        # Updates are queued before the env step, so the device trains while the host steps the envs. They sample
+        # the transitions up to the previous step, as Dopamine's do; Dopamine updates before it acts, so its
+        # actions come from weights one update newer.
         due = int(step // args.train_frequency) - int(previous_step // args.train_frequency)
         new_updates = due if step > loop.learning_from and replay.adds > args.n_step else 0  # something to sample
         if new_updates:

@@ -58,8 +58,9 @@ Deviations from labs/moes, all small: each noisy layer draws its own noise (Dopa
 its same-shaped layers share draws); envpool with `noop_max=1` (0 crashes it) may still take one no-op at reset; the
 gymnasium backend resizes with torch's area interpolation, not OpenCV's; stratified sampling searches block sums
 instead of a sum tree (same distribution); episode starts are zero-padded by masking, not by stored zero frames; a
-step's updates are queued before its env step (so the device trains while the host steps the envs) and so before
-its transition joins the replay, and acting uses weights one update older than Dopamine's.
+step's updates are queued before its env step (so the device trains while the host steps the envs); they sample the
+transitions up to the previous step, as Dopamine's do, but Dopamine updates before it acts, so acting here uses
+weights one update older than Dopamine's.
 """
 
 import ctypes
@@ -1031,8 +1032,9 @@ def main(args: Args) -> dict:
         previous_step = loop.global_step
         loop.global_step += args.num_envs
         step = loop.global_step
-        # Updates are queued before the env step, so the device trains while the host steps the envs (this step's
-        # transition joins the replay after them; Dopamine stores it first).
+        # Updates are queued before the env step, so the device trains while the host steps the envs. They sample
+        # the transitions up to the previous step, as Dopamine's do; Dopamine updates before it acts, so its
+        # actions come from weights one update newer.
         due = int(step // args.train_frequency) - int(previous_step // args.train_frequency)
         new_updates = due if step > loop.learning_from and replay.adds > args.n_step else 0  # something to sample
         if new_updates:

@@ -736,12 +736,15 @@ def evaluate(net: QNetwork, args: Args, device: torch.device, seed: int, video: 
     epsilon `eval_epsilon`, noise off. The envs are made like the training envs, as in Dopamine's runner: no-op starts,
     and a lost life restarts the frame stack (with terminal_on_life_loss) while the game and its return go on.
     Only the envs whose game goes on are stepped and shown to the network: one long game does not cost a hundred.
-    `video`, a list, gets the frames the agent sees in env 0's game (at most VIDEO_MAX_FRAMES)."""
+    `video`, a list, gets the frames the agent sees in env 0's game (at most VIDEO_MAX_FRAMES). Prints a progress
+    line every `progress_seconds`: on a CPU, games that last to the frame cap can keep an evaluation going for an hour."""
     envs = make_env(args, num_envs=args.eval_episodes, seed=seed)
     obs = torch.zeros(args.eval_episodes, args.frame_stack, args.frame_size, args.frame_size, dtype=torch.uint8, device=device)
     obs[:, -1] = torch.as_tensor(envs.reset(), device=device)
     returns = np.zeros(args.eval_episodes)
     playing = np.arange(args.eval_episodes)  # the envs whose game goes on; row k of obs is env playing[k]'s stack
+    steps = 0
+    last_progress = time.time()
     while len(playing) > 0:
         if video is not None and playing[0] == 0 and len(video) < VIDEO_MAX_FRAMES:  # env 0's game
             video.append(obs[0, -1].clone().cpu())  # a copy: a view would keep the whole stack alive
@@ -756,6 +759,14 @@ def evaluate(net: QNetwork, args: Args, device: torch.device, seed: int, video: 
             torch.as_tensor(restart, device=device),
         )
         playing = playing[goes_on]
+        steps += 1
+        if time.time() - last_progress > args.progress_seconds:
+            last_progress = time.time()
+            print(
+                f"evaluating: {args.eval_episodes - len(playing)}/{args.eval_episodes} games over after {steps:,} steps "
+                f"| mean return so far {returns.mean():.1f} (the games going on included)",
+                flush=True,
+            )
     envs.close()
     return returns.tolist()
 

@@ -6,6 +6,7 @@ this script through SCRIPTS."""
 import csv
 import glob
 import os
+from dataclasses import replace
 
 import gymnasium as gym
 import numpy as np
@@ -329,3 +330,20 @@ def test_short_run_reports_an_evaluation_after_every_iteration(tmp_path):
     assert summary["eval_return"] == summary["eval_by_iteration"][-1]["mean_return"] == np.mean(summary["eval_returns"])
     assert summary["human_normalized_score"] == pytest.approx((summary["eval_return"] + 20.7) / 35.3)
     assert summary["updates"] == 120 - 60 and glob.glob(os.path.join(summary["run_dir"], "events.*"))
+
+
+def test_evaluation_prints_how_many_games_are_over(capsys):
+    """With progress_seconds below zero a progress line follows every step: the games over after step t are those no
+    longer than t, and the last line's mean is the evaluation's."""
+    envs = 6
+    args = der.Args(
+        env_backend="gymnasium", env_id="toy_envs.catch:CatchLives-v0", eval_episodes=envs, eval_epsilon=0.0, **TINY
+    )
+    returns = der.evaluate(StillPaddle(), replace(args, progress_seconds=-1.0), torch.device("cpu"), seed=7)
+    lengths = [len(reference_game(7 + i, terminal_on_life_loss=True)[0]) for i in range(envs)]
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == max(lengths)
+    for t, line in enumerate(lines, start=1):
+        games_over = sum(n <= t for n in lengths)
+        assert line.startswith(f"evaluating: {games_over}/{envs} games over after {t:,} steps"), line
+    assert lines[-1].split("mean return so far ")[1].startswith(f"{np.mean(returns):.1f} ")

@@ -737,7 +737,7 @@ def evaluate(net: QNetwork, args: Args, device: torch.device, seed: int, video: 
     and a lost life restarts the frame stack (with terminal_on_life_loss) while the game and its return go on.
     Only the envs whose game goes on are stepped and shown to the network: one long game does not cost a hundred.
     `video`, a list, gets the frames the agent sees in env 0's game (at most VIDEO_MAX_FRAMES). Prints a progress
-    line every `progress_seconds`: on a CPU, games that last to the frame cap can keep an evaluation going for an hour."""
+    line every `progress_seconds`: an evaluation waits for its longest game, which may run to the frame cap."""
     envs = make_env(args, num_envs=args.eval_episodes, seed=seed)
     obs = torch.zeros(args.eval_episodes, args.frame_stack, args.frame_size, args.frame_size, dtype=torch.uint8, device=device)
     obs[:, -1] = torch.as_tensor(envs.reset(), device=device)
